@@ -1,0 +1,100 @@
+"""Pieces every federation engine shares: client data, randomness, sampling, aggregation.
+
+How randomness is drawn (so that two engines given the same seed agree):
+every random draw of a client's local training comes from a CPU
+``torch.Generator`` seeded by :func:`make_generator` ``(seed, round, client, epoch)``;
+an epoch first draws its shuffle (``torch.randperm``) and then, batch by batch,
+its augmentation.  Client sampling uses ``(seed, round)``.  Model
+initialisation uses ``torch.manual_seed(seed)`` once, before any model is made.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .data import ImageDataset, random_crop_flip
+from .partition import ClientSplit
+
+
+def make_generator(*keys: int) -> torch.Generator:
+    """A CPU generator whose seed is a stable hash of ``keys`` (e.g. seed, round, client, epoch)."""
+    digest = hashlib.sha256(repr(tuple(int(k) for k in keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def sample_clients(num_clients: int, frac: float, seed: int, round_idx: int) -> list[int]:
+    """The round's clients: max(1, frac * n) of them, sorted by id."""
+    m = max(1, int(frac * num_clients))
+    chosen = torch.randperm(num_clients, generator=make_generator(seed, round_idx, -1))[:m]
+    return sorted(chosen.tolist())
+
+
+@dataclass
+class ClientData:
+    """One client's normalised train and test tensors, on the training device."""
+
+    client_id: int
+    train_x: torch.Tensor  # (n, C, H, W) float32
+    train_y: torch.Tensor  # (n,) int64
+    test_x: torch.Tensor  # (m, C, H, W) float32
+    test_y: torch.Tensor  # (m,) int64
+    augment: bool
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_y)
+
+    def batches(self, batch_size: int, seed: int, round_idx: int, epoch: int) -> Iterator[tuple]:
+        """One epoch of shuffled (and, for CIFAR-like data, augmented) training batches."""
+        gen = make_generator(seed, round_idx, self.client_id, epoch)
+        order = torch.randperm(self.num_train, generator=gen).to(self.train_y.device)
+        for start in range(0, self.num_train, batch_size):
+            idx = order[start:start + batch_size]
+            x = self.train_x[idx]
+            if self.augment:
+                x = random_crop_flip(x, gen)
+            yield x, self.train_y[idx]
+
+
+def build_clients(dataset: ImageDataset, splits: list[ClientSplit], device: torch.device) -> list[ClientData]:
+    """Materialise every client's split as normalised tensors on ``device``."""
+    clients = []
+    for cid, split in enumerate(splits):
+        train, test = torch.from_numpy(split.train), torch.from_numpy(split.test)
+        clients.append(ClientData(
+            cid,
+            dataset.normalize(dataset.train_images[train]).to(device),
+            dataset.train_labels[train].to(device),
+            dataset.normalize(dataset.test_images[test]).to(device),
+            dataset.test_labels[test].to(device),
+            dataset.augment,
+        ))
+    return clients
+
+
+@torch.no_grad()
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             chunk: int = 1000) -> float:
+    """Percentage of ``x`` that ``predict`` (images -> logits) classifies as ``y``."""
+    correct = sum((predict(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum().item()
+                  for i in range(0, len(y), chunk))
+    return 100.0 * correct / len(y)
+
+
+def weighted_average(uploads: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Server aggregation: the mean of the uploaded tensors weighted by ``weights`` (data sizes)."""
+    total = float(sum(weights))
+    return {name: sum(w / total * up[name] for up, w in zip(uploads, weights)) for name in uploads[0]}
+
+
+@dataclass
+class ClientResult:
+    """What one client's local training in one round produced (figures only, for the log)."""
+
+    client: int
+    train_loss: float  # mean loss of the last local epoch
+    local_acc: float  # test accuracy of the locally trained model
+    global_acc: float  # test accuracy with the new global model (HyperFL: global hypernetwork)

@@ -1,0 +1,196 @@
+"""Reference engine: plain per-client PyTorch, one client after another.
+
+This is the project's correctness oracle.  It is deliberately simple and is
+not optimised: every fast path is checked against it.
+
+Each method is a server holding the global state plus every client's private
+state, with one ``run_round`` that reads like the paper's algorithm box:
+sample clients -> local training -> upload -> aggregate.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .federation import ClientData, ClientResult, accuracy, weighted_average
+from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN
+
+
+def sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
+    """The paper's optimizer: SGD with momentum and weight decay, fresh state each round."""
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- HyperFL
+
+def hypernet_step(model: GeneratedCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  grad_clip: float) -> float:
+    """One hypernetwork-phase step: loss -> theta -> (psi, v) by the chain rule, clip, SGD.
+
+    The gradient norm is clipped separately for the hypernetwork and for the
+    embedding.  The classifier is not updated (it is not in ``optimizer``).
+    """
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.hypernet.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_([model.embedding], grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def train_hyperfl_client(model: GeneratedCNN, data: ClientData, cfg: Config, round_idx: int) -> float:
+    """A HyperFL client's local training; returns the mean loss of its last epoch."""
+    # 1. classifier phase: theta_i is generated but not trained
+    with torch.no_grad():
+        theta = model.generate()  # (P,)
+    optimizer = sgd(model.classifier.parameters(), cfg, cfg.classifier_lr)
+    losses = []
+    for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch=0):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x, theta), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+
+    # 2. hypernetwork phase: psi and v_i are trained, the classifier is frozen
+    optimizer = sgd([{"params": model.hypernet.parameters()}, {"params": [model.embedding]}], cfg, cfg.lr)
+    model.classifier.requires_grad_(False)
+    for epoch in range(1, cfg.local_epochs + 1):
+        losses = [hypernet_step(model, optimizer, x, y, cfg.grad_clip)
+                  for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)]
+    model.classifier.requires_grad_(True)
+    return sum(losses) / len(losses)
+
+
+class HyperFLReference:
+    """HyperFL: only the hypernetwork psi is shared; embeddings v_i and classifiers phi_i stay private."""
+
+    method = "hyperfl"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.clients, self.cfg = spec, clients, cfg
+        self.hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params).to(device)
+        # private client state, never uploaded
+        self.client_embeddings = [nn.Parameter(torch.randn(cfg.embed_dim, device=device)) for _ in clients]
+        self.classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in clients]
+
+    def client_model(self, cid: int, hypernet: HyperNetwork) -> GeneratedCNN:
+        return GeneratedCNN(self.spec, hypernet, self.client_embeddings[cid], self.classifiers[cid])
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        uploads, weights, local = [], [], []
+        for cid in progress(sampled):
+            model = self.client_model(cid, copy.deepcopy(self.hypernet))  # receive the global psi
+            loss = train_hyperfl_client(model, self.clients[cid], self.cfg, round_idx)
+            local.append((cid, loss, accuracy(model, self.clients[cid].test_x, self.clients[cid].test_y)))
+            uploads.append(model.upload())  # hypernetwork tensors only
+            weights.append(self.clients[cid].num_train)
+        self.hypernet.load_state_dict(weighted_average(uploads, weights))
+        return [ClientResult(cid, loss, acc, self.global_accuracy(cid)) for cid, loss, acc in local]
+
+    def global_accuracy(self, cid: int) -> float:
+        """Client ``cid``'s test accuracy with the global hypernetwork and its private parts."""
+        data = self.clients[cid]
+        return accuracy(self.client_model(cid, self.hypernet), data.test_x, data.test_y)
+
+    def state_dict(self) -> dict:
+        return {"hypernet": self.hypernet.state_dict(),
+                "client_embeddings": torch.stack([v.detach() for v in self.client_embeddings]),
+                "classifiers": [c.state_dict() for c in self.classifiers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.hypernet.load_state_dict(state["hypernet"])
+        with torch.no_grad():
+            for v, saved in zip(self.client_embeddings, state["client_embeddings"]):
+                v.copy_(saved)
+        for c, saved in zip(self.classifiers, state["classifiers"]):
+            c.load_state_dict(saved)
+
+
+# --------------------------------------------------------------------------- baselines
+
+def train_full_model(model: TargetCNN, data: ClientData, cfg: Config, round_idx: int) -> float:
+    """Train the whole CNN for ``local_epochs`` epochs; returns the mean loss of the last epoch."""
+    optimizer = sgd(model.parameters(), cfg, cfg.lr)
+    for epoch in range(cfg.local_epochs):
+        losses = []
+        for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+class LocalReference:
+    """Local-only: every client trains its own full CNN; nothing is shared."""
+
+    method = "local"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.clients, self.cfg = spec, clients, cfg
+        self.models = [TargetCNN(spec).to(device) for _ in clients]
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        results = []
+        for cid in progress(sampled):
+            data = self.clients[cid]
+            loss = train_full_model(self.models[cid], data, self.cfg, round_idx)
+            acc = accuracy(self.models[cid], data.test_x, data.test_y)
+            results.append(ClientResult(cid, loss, acc, acc))  # no global model: both figures are local
+        return results
+
+    def state_dict(self) -> dict:
+        return {"models": [m.state_dict() for m in self.models]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, saved in zip(self.models, state["models"]):
+            m.load_state_dict(saved)
+
+
+class FedAvgReference:
+    """FedAvg: every client trains the global CNN; the server averages the whole model."""
+
+    method = "fedavg"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.clients, self.cfg = spec, clients, cfg
+        self.model = TargetCNN(spec).to(device)
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        uploads, weights, local = [], [], []
+        for cid in progress(sampled):
+            data = self.clients[cid]
+            model = copy.deepcopy(self.model)  # receive the global model
+            loss = train_full_model(model, data, self.cfg, round_idx)
+            local.append((cid, loss, accuracy(model, data.test_x, data.test_y)))
+            uploads.append({k: t.detach().clone() for k, t in model.state_dict().items()})
+            weights.append(data.num_train)
+        self.model.load_state_dict(weighted_average(uploads, weights))
+        return [ClientResult(cid, loss, acc, accuracy(self.model, self.clients[cid].test_x, self.clients[cid].test_y))
+                for cid, loss, acc in local]
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+
+
+ENGINES = {"hyperfl": HyperFLReference, "fedavg": FedAvgReference, "local": LocalReference}
+
+
+def build_reference(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+    """The reference engine for ``cfg.method``; seeds model initialisation with ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    return ENGINES[cfg.method](spec, clients, cfg, device)

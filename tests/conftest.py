@@ -1,0 +1,22 @@
+"""Shared fixtures: small synthetic federations for fast tests."""
+import pytest
+import torch
+
+from hyperfl_fast.config import Config
+from hyperfl_fast.data import make_synthetic
+from hyperfl_fast.federation import build_clients
+from hyperfl_fast.partition import partition
+
+
+def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed=0):
+    """A synthetic dataset split over a few clients, as ClientData on the CPU."""
+    data = make_synthetic(in_channels)
+    splits = partition(data.train_labels.numpy(), data.test_labels.numpy(), data.num_classes, data.class_groups,
+                       clients, local_size, test_size, 0.2, seed=seed)
+    return data, build_clients(data, splits, torch.device("cpu"))
+
+
+@pytest.fixture
+def tiny_config():
+    return Config(dataset="synthetic", clients=4, local_epochs=1, batch_size=20, local_size=60, test_size=40,
+                  rounds=2, device="cpu")

@@ -1,0 +1,47 @@
+"""CLI: a smoke run writes its metrics; every bad flag is a clear error before any work starts."""
+import json
+
+import pytest
+
+from hyperfl_fast.train import main
+
+SMALL = ["--dataset", "synthetic", "--clients", "3", "--local-size", "40", "--test-size", "20",
+         "--local-epochs", "1", "--batch-size", "20", "--device", "cpu"]
+
+
+def test_smoke_run_writes_metrics(tmp_path, capsys):
+    assert main(SMALL + ["--rounds", "2", "--output-dir", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert metrics["config"]["clients"] == 3 and metrics["config"]["method"] == "hyperfl"
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "round,train_loss,local_acc,global_acc,seconds" and len(csv_lines) == 3
+    out = capsys.readouterr().out
+    assert "round    2/2" in out and "final mean local accuracy" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--frac", "0"], "--frac must be in (0, 1]"),
+    (["--frac", "1.5"], "--frac must be in (0, 1]"),
+    (["--clients", "0"], "--clients must be positive"),
+    (["--rounds", "-1"], "--rounds must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--local-size", "0"], "--local-size must be positive"),
+    (["--local-epochs", "0"], "--local-epochs must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--method", "fedprox"], "unknown method 'fedprox'"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["--clients", "500"], "lower --clients or --local-size"),
+])
+def test_bad_flags_are_clear_errors(flags, message, tmp_path, capsys):
+    assert main(SMALL + flags + ["--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "metrics.json").exists()  # no work started
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    assert main(SMALL + ["--rounds", "1", "--output-dir", str(tmp_path)]) == 0
+    assert main(SMALL + ["--rounds", "2", "--lr", "0.5", "--resume", "--output-dir", str(tmp_path)]) == 2
+    assert "different settings (lr)" in capsys.readouterr().err
