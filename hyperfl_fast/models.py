@@ -80,15 +80,19 @@ def cnn_spec(in_channels: int, num_classes: int) -> CNNSpec:
 
 
 def split_theta(theta: torch.Tensor, spec: CNNSpec) -> dict[str, torch.Tensor]:
-    """Views of a flat ``theta`` (P,) as the feature extractor's named tensors."""
-    if theta.dim() != 1 or theta.numel() != spec.num_feature_params:
+    """Views of a flat ``theta`` (..., P) as the feature extractor's named tensors (..., *shape).
+
+    A leading client dimension (N, P) gives per-client tensors (N, *shape).
+    """
+    if theta.dim() == 0 or theta.shape[-1] != spec.num_feature_params:
         raise ValueError(
-            f"theta must be a flat vector of {spec.num_feature_params} values, got shape {tuple(theta.shape)}"
+            f"theta must end in a flat vector of {spec.num_feature_params} values, got shape {tuple(theta.shape)}"
         )
+    lead = theta.shape[:-1]
     out, offset = {}, 0
     for name, shape in spec.feature_shapes():
         n = math.prod(shape)
-        out[name] = theta[offset:offset + n].view(shape)
+        out[name] = theta[..., offset:offset + n].reshape(*lead, *shape)
         offset += n
     return out
 
@@ -100,6 +104,21 @@ def extract_features(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNN
         x = F.max_pool2d(F.leaky_relu(x, LEAKY_SLOPE), 2)
     x = x.flatten(1)
     return F.leaky_relu(F.linear(x, params["fc1.weight"], params["fc1.bias"]), LEAKY_SLOPE)
+
+
+def extract_features_batched(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec,
+                             path: str | None = None) -> torch.Tensor:
+    """All clients' feature extractors at once with the fused ops: (N, B, C, H, W) -> (N, B, hidden).
+
+    ``params`` holds per-client tensors (N, *shape), e.g. ``split_theta(theta)``
+    of a (N, P) theta; ``path`` picks the ops' path (see :mod:`hyperfl_fast.ops`).
+    """
+    from . import ops
+
+    for i, conv in enumerate(spec.convs, start=1):
+        x = ops.batched_conv2d_leaky_pool(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], conv.padding,
+                                          path=path)
+    return ops.batched_linear(x.flatten(2), params["fc1.weight"], params["fc1.bias"], leaky=True, path=path)
 
 
 class TargetCNN(nn.Module):

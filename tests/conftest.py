@@ -1,6 +1,15 @@
-"""Shared fixtures: small synthetic federations for fast tests."""
+"""Shared fixtures: small synthetic federations for fast tests.
+
+Without a GPU, Triton kernels run on the CPU through Triton's interpreter; it
+must be switched on before triton is first imported, hence here.
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hyperfl_fast.config import Config
 from hyperfl_fast.data import make_synthetic

@@ -46,3 +46,15 @@ def test_split_theta_rejects_wrong_length():
         split_theta(torch.randn(10), cnn_spec(1, 10))
     with pytest.raises(ValueError, match="no target CNN for in_channels=2"):
         cnn_spec(2, 10)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_features_equal_per_client_features(channels):
+    from hyperfl_fast.models import extract_features, extract_features_batched
+
+    spec = cnn_spec(channels, 10)
+    theta = torch.randn(3, spec.num_feature_params) * 0.05  # (N, P)
+    x = torch.randn(3, 4, channels, spec.image_size, spec.image_size)  # (N, B, C, H, W)
+    batched = extract_features_batched(x, split_theta(theta, spec), spec, path="torch")
+    for n in range(3):
+        torch.testing.assert_close(batched[n], extract_features(x[n], split_theta(theta[n], spec), spec))

@@ -1,0 +1,48 @@
+"""Vectorised PyTorch paths of the fused ops: one batched call per op, all clients at once.
+
+This is the fast path on machines without a GPU (grouped conv with
+``groups=N``, ``bmm``/``baddbmm``); PyTorch's autograd gives the backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import LEAKY_SLOPE
+
+
+def generate_weights(embeddings, fc_weight, fc_bias, head_weight, head_bias):
+    """(N, E) -> (N, P); shared weights are one GEMM, per-client weights a batched GEMV."""
+    if head_weight.dim() == 2:  # shared hypernetwork
+        h = F.relu(F.linear(embeddings, fc_weight, fc_bias))  # (N, H)
+        return F.linear(h, head_weight, head_bias)
+    h = F.relu(torch.baddbmm(fc_bias.unsqueeze(-1), fc_weight, embeddings.unsqueeze(-1)))  # (N, H, 1)
+    return torch.baddbmm(head_bias.unsqueeze(-1), head_weight, h).squeeze(-1)  # (N, P)
+
+
+def conv2d_leaky_pool(x, weight, bias, padding: int):
+    """(N, B, C, H, W) -> (N, B, Cout, Hp, Wp) as one grouped convolution over the client axis."""
+    n, b, c, h, w = x.shape
+    cout, k = weight.shape[1], weight.shape[-1]
+    grouped = x.transpose(0, 1).reshape(b, n * c, h, w)  # clients become channel groups
+    y = F.conv2d(grouped, weight.reshape(n * cout, c, k, k), bias.reshape(n * cout), padding=padding, groups=n)
+    y = F.max_pool2d(F.leaky_relu(y, LEAKY_SLOPE), 2)  # (B, N*Cout, Hp, Wp)
+    return y.reshape(b, n, cout, *y.shape[-2:]).transpose(0, 1)
+
+
+def linear(x, weight, bias, leaky: bool = False):
+    """(N, B, K) x (N, M, K) + (N, M) -> (N, B, M), optionally leaky ReLU."""
+    y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return F.leaky_relu(y, LEAKY_SLOPE) if leaky else y
+
+
+@torch.no_grad()
+def head_sgd_step(head_weight, head_bias, weight_buf, bias_buf, d_theta, hidden, clip_coef,
+                  lr: float, momentum: float, weight_decay: float) -> None:
+    """In-place clipped SGD step of the per-client heads; see :func:`naive.head_sgd_step`."""
+    scaled = d_theta * clip_coef.unsqueeze(1)  # (N, P)
+    weight_buf.mul_(momentum).add_(head_weight, alpha=weight_decay)
+    weight_buf.baddbmm_(scaled.unsqueeze(2), hidden.unsqueeze(1))  # += outer product, per client
+    head_weight.sub_(weight_buf, alpha=lr)
+    bias_buf.mul_(momentum).add_(head_bias, alpha=weight_decay).add_(scaled)
+    head_bias.sub_(bias_buf, alpha=lr)

@@ -1,0 +1,33 @@
+"""Batched per-client linear layer with bias and optional leaky ReLU, forward and backward.
+
+x (N, B, K), weight (N, M, K), bias (N, M) -> y (N, B, M).  All three matmuls
+(forward ``x Wᵀ``, backward ``dz W`` and ``dzᵀ x``) run on the strided
+:func:`bmm` kernel with the transposes expressed as strides; the forward fuses
+bias and activation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import LEAKY_SLOPE
+from .bmm import bmm
+
+
+class BatchedLinear(torch.autograd.Function):
+    """y = act(x @ weightᵀ + bias) per client, with Triton matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, leaky: bool):
+        y = bmm(x, weight.transpose(1, 2), bias, LEAKY_SLOPE if leaky else None)
+        ctx.save_for_backward(x, weight, y)
+        ctx.leaky = leaky
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, y = ctx.saved_tensors
+        dz = torch.where(y > 0, dy, dy * LEAKY_SLOPE) if ctx.leaky else dy  # through the activation
+        dx = bmm(dz, weight) if ctx.needs_input_grad[0] else None  # (N, B, K)
+        dw = bmm(dz.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # (N, M, K)
+        db = dz.sum(1) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None

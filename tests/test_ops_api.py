@@ -1,0 +1,75 @@
+"""The ops' dispatch rule and their input validation at the API boundary."""
+import pytest
+import torch
+
+from hyperfl_fast import ops
+
+
+def test_default_path_is_torch_on_cpu_and_env_var_forces_a_path(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.resolve_path(None, torch.device("cpu")) == "torch"
+    assert ops.resolve_path(None, torch.device("cuda")) == "triton"
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    assert ops.resolve_path(None, torch.device("cpu")) == "reference"
+    assert ops.resolve_path("torch", torch.device("cpu")) == "torch"  # the argument wins
+
+
+def test_unknown_path_and_triton_without_gpu_or_interpreter(monkeypatch):
+    with pytest.raises(ValueError, match="path must be one of reference, torch, triton"):
+        ops.resolve_path("cuda", torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="the triton path needs CUDA tensors"):
+        ops.resolve_path("triton", torch.device("cpu"))
+
+
+def gen_args(n=2, e=4, h=8, p=10):
+    return [torch.randn(n, e), torch.randn(h, e), torch.randn(h), torch.randn(p, h), torch.randn(p)]
+
+
+@pytest.mark.parametrize("index,bad,message", [
+    (0, torch.randn(4), "embeddings must be (N, E)"),
+    (1, torch.randn(8, 5), "fc_weight must be (H, 4) or (2, H, 4)"),
+    (2, torch.randn(7), "fc_bias must have shape (8,)"),
+    (3, torch.randn(10, 9), "head_weight must be (P, 8) or (2, P, 8)"),
+    (4, torch.randn(3, 10), "head_bias must have shape (10,)"),
+    (3, torch.randn(3, 10, 8), "head_weight has 3 clients, embeddings 2"),
+    (0, torch.ones(2, 4, dtype=torch.int64), "embeddings must be floating point"),
+])
+def test_generate_weights_rejects_bad_arguments(index, bad, message):
+    args = gen_args()
+    args[index] = bad
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.generate_weights(*args)
+
+
+def test_triton_path_takes_float32_only():
+    args = [t.double() for t in gen_args()]
+    with pytest.raises(ValueError, match="the triton path takes float32, embeddings is torch.float64"):
+        ops.generate_weights(*args, path="triton")
+
+
+def test_conv_and_linear_validation():
+    x = torch.randn(2, 3, 4, 10, 10)
+    with pytest.raises(ValueError, match=r"weight must be \(2, Cout, 4, k, k\)"):
+        ops.batched_conv2d_leaky_pool(x, torch.randn(2, 5, 3, 3, 3), torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"bias must have shape \(2, 5\)"):
+        ops.batched_conv2d_leaky_pool(x, torch.randn(2, 5, 4, 3, 3), torch.randn(5))
+    with pytest.raises(ValueError, match="leaves nothing to pool"):
+        ops.batched_conv2d_leaky_pool(x, torch.randn(2, 5, 4, 10, 10), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="padding must be a non-negative int"):
+        ops.batched_conv2d_leaky_pool(x, torch.randn(2, 5, 4, 3, 3), torch.randn(2, 5), padding=-1)
+    with pytest.raises(ValueError, match=r"x must be \(N, B, K\)"):
+        ops.batched_linear(torch.randn(3, 4), torch.randn(3, 5, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"weight must be \(2, M, 4\)"):
+        ops.batched_linear(torch.randn(2, 3, 4), torch.randn(2, 5, 3), torch.randn(2, 5))
+
+
+def test_fused_head_step_validation():
+    n, p, h = 2, 6, 4
+    args = dict(head_weight=torch.randn(n, p, h), head_bias=torch.randn(n, p), weight_buf=torch.zeros(n, p, h),
+                bias_buf=torch.zeros(n, p), d_theta=torch.randn(n, p), hidden=torch.randn(n, h),
+                clip_coef=torch.ones(n), lr=0.1, momentum=0.5, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"hidden must have shape \(2, 4\)"):
+        ops.fused_head_sgd_step(**{**args, "hidden": torch.randn(n, h + 1)})
+    with pytest.raises(ValueError, match="weight_buf is updated in place and must be contiguous"):
+        ops.fused_head_sgd_step(**{**args, "weight_buf": torch.zeros(n, h, p).transpose(1, 2)})
