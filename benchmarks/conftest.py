@@ -39,7 +39,7 @@ def timed(benchmark, fn, rounds: int = 5, **extra):
         benchmark.extra_info["triton"] = triton.__version__
     except ImportError:
         pass
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
     return benchmark.stats.stats.median
 
 

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 METHODS = ("hyperfl", "fedavg", "local")
-DEFAULT_ROUNDS = 3  # fits `make train` on a 2-core CPU; the paper trains 200 rounds (--rounds 200)
+ENGINES = ("batched", "reference")
+DEFAULT_ROUNDS = 20  # fits `make train` (batched engine) on a 2-core CPU; the paper trains 200 rounds
 
 
 class ConfigError(ValueError):
@@ -19,6 +20,7 @@ class Config:
 
     dataset: str = "fmnist"
     method: str = "hyperfl"
+    engine: str = "batched"  # all clients in lockstep; "reference" trains them one by one
     rounds: int = DEFAULT_ROUNDS
     clients: int = 20
     frac: float = 1.0
@@ -44,6 +46,8 @@ class Config:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
         if self.method not in METHODS:
             raise ConfigError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine: unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if not 0.0 < self.frac <= 1.0:
             raise ConfigError(f"--frac must be in (0, 1], got {self.frac}")
         for name in ("rounds", "clients", "local_epochs", "batch_size", "embed_dim", "hidden_dim",

@@ -213,22 +213,35 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageDataset:
 
 # --------------------------------------------------------------------------- augmentation
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``padding``, same size) and horizontal flip, per image.
+def draw_crop_flip(n: int, generator: torch.Generator, padding: int = 4) -> tuple[torch.Tensor, ...]:
+    """Random-crop offsets and flip flags for ``n`` images: (dy, dx, flip), each (n,), on the CPU."""
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return dy, dx, flip
 
-    images: (..., B, C, H, W).  Randomness comes from ``generator`` (CPU) so two
+
+def apply_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                    padding: int = 4) -> torch.Tensor:
+    """Crop each image (zero padding ``padding``, same size) at (dy, dx) and flip it where ``flip``.
+
+    images (n, C, H, W); dy, dx, flip (n,) on any device.
+    """
+    n, c, h, w = images.shape
+    dev = images.device
+    dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    rows = dy[:, None] + torch.arange(h, device=dev)  # (n, H)
+    cols = dx[:, None] + torch.arange(w, device=dev)  # (n, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx = torch.arange(n, device=dev)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, C, H, W)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``padding``) and horizontal flip per image of a batch (n, C, H, W).
+
+    Draws come from ``generator`` (CPU) in a fixed order (dy, dx, flip), so
     engines drawing from the same generator get the same crops.
     """
-    *lead, c, h, w = images.shape
-    flat = images.reshape(-1, c, h, w)
-    n = flat.shape[0]
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    padded = torch.nn.functional.pad(flat, (padding,) * 4)
-    rows = dy[:, None] + torch.arange(h, device=images.device)  # (n, H)
-    cols = dx[:, None] + torch.arange(w, device=images.device)  # (n, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    idx = torch.arange(n, device=images.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
-    return out.permute(0, 3, 1, 2).reshape(*lead, c, h, w)
+    return apply_crop_flip(images, *draw_crop_flip(images.shape[0], generator, padding), padding)

@@ -68,17 +68,28 @@ def train_hyperfl_client(model: GeneratedCNN, data: ClientData, cfg: Config, rou
     return sum(losses) / len(losses)
 
 
+def init_hyperfl(spec: CNNSpec, num_clients: int, cfg: Config, device: torch.device):
+    """Initial HyperFL state, drawn in a fixed order so every engine starts from the same tensors.
+
+    Returns the global hypernetwork, every client's embedding v_i (E,) (N(0, 1),
+    like ``nn.Embedding``) and every client's classifier (PyTorch's default init).
+    """
+    hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params).to(device)
+    embeddings = [nn.Parameter(torch.randn(cfg.embed_dim).to(device)) for _ in range(num_clients)]
+    classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in range(num_clients)]
+    return hypernet, embeddings, classifiers
+
+
 class HyperFLReference:
     """HyperFL: only the hypernetwork psi is shared; embeddings v_i and classifiers phi_i stay private."""
 
     method = "hyperfl"
+    progress_unit = "client"
 
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.clients, self.cfg = spec, clients, cfg
-        self.hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params).to(device)
-        # private client state, never uploaded
-        self.client_embeddings = [nn.Parameter(torch.randn(cfg.embed_dim, device=device)) for _ in clients]
-        self.classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in clients]
+        # the global hypernetwork, and each client's private state (never uploaded)
+        self.hypernet, self.client_embeddings, self.classifiers = init_hyperfl(spec, len(clients), cfg, device)
 
     def client_model(self, cid: int, hypernet: HyperNetwork) -> GeneratedCNN:
         return GeneratedCNN(self.spec, hypernet, self.client_embeddings[cid], self.classifiers[cid])
@@ -134,6 +145,7 @@ class LocalReference:
     """Local-only: every client trains its own full CNN; nothing is shared."""
 
     method = "local"
+    progress_unit = "client"
 
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.clients, self.cfg = spec, clients, cfg
@@ -161,6 +173,7 @@ class FedAvgReference:
     """FedAvg: every client trains the global CNN; the server averages the whole model."""
 
     method = "fedavg"
+    progress_unit = "client"
 
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.clients, self.cfg = spec, clients, cfg

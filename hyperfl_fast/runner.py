@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from . import ops
+from .batched import build_batched
 from .config import Config, ConfigError
 from .data import load_dataset
 from .federation import build_clients, sample_clients
@@ -59,15 +61,16 @@ def prepare(cfg: Config):
         raise ConfigError(f"{cfg.dataset}: {exc}") from None
     spec = cnn_spec(dataset.in_channels, dataset.num_classes)
     clients = build_clients(dataset, splits, device)
-    return build_reference(spec, clients, cfg, device), device
+    build = build_batched if cfg.engine == "batched" else build_reference
+    return build(spec, clients, cfg, device), device
 
 
-def _progress(desc: str) -> Callable:
+def _progress(desc: str, unit: str) -> Callable:
     try:
         from tqdm import tqdm
     except ImportError:  # progress bars are a nicety, never a requirement
         return iter
-    return lambda items: tqdm(items, desc=desc, unit="client", leave=False, file=sys.stderr, dynamic_ncols=True)
+    return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def _save_checkpoint(path: Path, cfg: Config, engine, rounds: list[dict]) -> None:
@@ -111,12 +114,12 @@ def run(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -
     elif checkpoint.exists():
         log(f"note: starting afresh over the run in {out} (pass --resume to continue it)")
     log(f"{cfg.method} on {cfg.dataset}: {cfg.clients} clients, frac {cfg.frac}, {cfg.rounds} rounds, "
-        f"engine reference, device {device}")
+        f"engine {cfg.engine}, ops path {ops.resolve_path(None, device)}, device {device}")
 
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients, cfg.frac, cfg.seed, round_idx)
-        results = engine.run_round(round_idx, sampled, _progress(f"round {round_idx + 1}"))
+        results = engine.run_round(round_idx, sampled, _progress(f"round {round_idx + 1}", engine.progress_unit))
         seconds = time.perf_counter() - start
         n = len(results)
         record = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULT_ROUNDS, METHODS, Config, ConfigError
+from .config import DEFAULT_ROUNDS, ENGINES, METHODS, Config, ConfigError
 from .data import DATASETS, DatasetError
 from .runner import run
 
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default=d.dataset, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--method", default=d.method, help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--engine", default=d.engine,
+                   help=f"one of: {', '.join(ENGINES)} (batched: all clients in lockstep; reference: one by one)")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="communication rounds (paper: 200)")
     p.add_argument("--clients", type=int, default=d.clients, help="number of clients")
     p.add_argument("--frac", type=float, default=d.frac, help="fraction of clients sampled per round, in (0, 1]")

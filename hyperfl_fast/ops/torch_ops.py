@@ -21,12 +21,18 @@ def generate_weights(embeddings, fc_weight, fc_bias, head_weight, head_bias):
 
 
 def conv2d_leaky_pool(x, weight, bias, padding: int):
-    """(N, B, C, H, W) -> (N, B, Cout, Hp, Wp) as one grouped convolution over the client axis."""
+    """(N, B, C, H, W) -> (N, B, Cout, Hp, Wp) as one grouped convolution over the client axis.
+
+    Pooling runs before the activation: leaky ReLU is increasing, so
+    pool(act(z)) == act(pool(z)) exactly (values and gradients), on 4x fewer
+    elements.  Channels-last makes the grouped convolution faster on the CPU.
+    """
     n, b, c, h, w = x.shape
     cout, k = weight.shape[1], weight.shape[-1]
     grouped = x.transpose(0, 1).reshape(b, n * c, h, w)  # clients become channel groups
+    grouped = grouped.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(grouped, weight.reshape(n * cout, c, k, k), bias.reshape(n * cout), padding=padding, groups=n)
-    y = F.max_pool2d(F.leaky_relu(y, LEAKY_SLOPE), 2)  # (B, N*Cout, Hp, Wp)
+    y = F.leaky_relu(F.max_pool2d(y, 2), LEAKY_SLOPE)  # (B, N*Cout, Hp, Wp)
     return y.reshape(b, n, cout, *y.shape[-2:]).transpose(0, 1)
 
 

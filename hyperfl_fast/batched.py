@@ -1,0 +1,398 @@
+"""Batched lockstep engine: every sampled client's local training as one computation.
+
+Every tensor carries a client dimension N (embeddings (N, E), classifiers
+(N, K, D), batches (N, B, C, H, W), ...), and each local step is a handful of
+batched ops (:mod:`hyperfl_fast.ops`: Triton on CUDA, vectorised PyTorch on
+the CPU) for all clients at once.  Per-client optimizer semantics (each
+client's own clip coefficient, momentum and weight decay) are kept exactly, so
+this engine computes what :mod:`hyperfl_fast.reference` computes, up to float
+rounding (``tests/test_engine_equivalence.py`` checks it).
+
+Schedules.  Each client draws its epoch exactly as the reference does (same
+generator, same shuffle, same augmentation draws, see
+:mod:`hyperfl_fast.federation`).  Clients with fewer batches than others are
+**masked**: a step where a client has no batch leaves all its state unchanged,
+and a partial last batch averages the loss over its valid rows only.
+
+Heads in factored form.  For one client the hypernetwork heads' gradient at
+step s is the outer product ``dtheta_s ⊗ h_s`` (P x H, rank one).  Under SGD with
+momentum and weight decay, the heads and their momentum buffer therefore stay
+exactly in the span of the round's starting matrix W0 and these rank-one terms::
+
+    W_t   = alpha_t * W0 + sum_s beta_{t,s} * u_s v_sᵀ       (u_s = c_s dtheta_s,  v_s = h_s)
+    buf_t = gamma_t * W0 + sum_s delta_{t,s} * u_s v_sᵀ
+
+with scalar recurrences (``FactoredHeads.sgd_step``).  Generation is then one
+GEMM against the shared W0 plus a thin low-rank term, the backward likewise,
+and the optimizer step touches only scalars: no pass over the 59 MB per-client
+head matrices at all.  The server's weighted average of the clients' W_n is
+one GEMM over the stacked factors, equal to averaging the materialised uploads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .config import Config
+from .data import apply_crop_flip, draw_crop_flip
+from .federation import ClientData, ClientResult, make_generator
+from .models import CNNSpec, TargetCNN, extract_features_batched, split_theta
+from .reference import init_hyperfl
+
+
+# --------------------------------------------------------------------------- data and schedules
+
+class StackedData:
+    """All clients' data stacked on the device, padded to the largest client: (Nc, n_max, C, H, W)."""
+
+    def __init__(self, clients: list[ClientData]):
+        def stack(tensors):
+            out = tensors[0].new_zeros(len(tensors), max(len(t) for t in tensors), *tensors[0].shape[1:])
+            for i, t in enumerate(tensors):
+                out[i, :len(t)] = t
+            return out
+
+        self.clients = clients
+        self.train_x, self.train_y = stack([c.train_x for c in clients]), stack([c.train_y for c in clients])
+        self.test_x, self.test_y = stack([c.test_x for c in clients]), stack([c.test_y for c in clients])
+        device = self.train_y.device
+        self.num_train = torch.tensor([c.num_train for c in clients], device=device)
+        self.num_test = torch.tensor([len(c.test_y) for c in clients], device=device)
+        self.augment = clients[0].augment
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (N, B, C, H, W)
+    y: torch.Tensor  # (N, B)
+    valid: torch.Tensor  # (N, B) bool: real rows (False pads short batches)
+    active: torch.Tensor  # (N,) bool: the client has a batch at this step
+
+
+def epoch_batches(data: StackedData, cids: list[int], batch_size: int, seed: int, round_idx: int,
+                  epoch: int) -> Iterable[Batch]:
+    """One epoch for the clients ``cids`` in lockstep, with the reference's per-client draws.
+
+    The per-client loop only draws each client's shuffle and augmentation once
+    per epoch (on the CPU generators); every step is then a batched gather.
+    """
+    num_steps = max(-(-data.clients[c].num_train // batch_size) for c in cids)
+    width = num_steps * batch_size
+    rows = torch.zeros(len(cids), width, dtype=torch.long)
+    valid = torch.zeros(len(cids), width, dtype=torch.bool)
+    aug = torch.zeros(3, len(cids), width, dtype=torch.long)  # dy, dx, flip
+    for i, cid in enumerate(cids):
+        n = data.clients[cid].num_train
+        gen = make_generator(seed, round_idx, cid, epoch)
+        rows[i, :n] = torch.randperm(n, generator=gen)
+        valid[i, :n] = True
+        if data.augment:
+            for start in range(0, n, batch_size):  # the reference draws batch by batch
+                stop = min(start + batch_size, n)
+                aug[:, i, start:stop] = torch.stack([t.long() for t in draw_crop_flip(stop - start, gen)])
+    device = data.train_y.device
+    rows, valid, aug = rows.to(device), valid.to(device), aug.to(device)
+    client_idx = torch.tensor(cids, device=device)[:, None]
+    for step in range(num_steps):
+        cols = slice(step * batch_size, (step + 1) * batch_size)
+        x = data.train_x[client_idx, rows[:, cols]]  # (N, B, C, H, W)
+        if data.augment:
+            x = apply_crop_flip(x.flatten(0, 1), *(a[:, cols].flatten() for a in aug[:2]),
+                                aug[2, :, cols].flatten().bool()).view_as(x)
+        yield Batch(x, data.train_y[client_idx, rows[:, cols]], valid[:, cols], valid[:, cols].any(1))
+
+
+def client_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Each client's mean cross-entropy over its valid rows: (N, B, K) -> (N,)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.y.flatten(), reduction="none").view(batch.y.shape)
+    return (ce * batch.valid).sum(1) / batch.valid.sum(1).clamp(min=1)
+
+
+def classify(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Per-client classifier heads: (N, B, D) x (N, K, D) + (N, K) -> logits (N, B, K)."""
+    return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
+
+
+@torch.no_grad()
+def batched_accuracy(data: StackedData, cids: list[int], logits_fn: Callable[[torch.Tensor], torch.Tensor],
+                     chunk: int = 200) -> torch.Tensor:
+    """Each client's test accuracy (%) with ``logits_fn`` ((N, b, C, H, W) -> (N, b, K)): (N,)."""
+    idx = torch.tensor(cids, device=data.test_y.device)
+    test_x, test_y, num_test = data.test_x[idx], data.test_y[idx], data.num_test[idx]
+    correct = torch.zeros(len(cids), device=test_y.device)
+    for start in range(0, test_y.shape[1], chunk):
+        pred = logits_fn(test_x[:, start:start + chunk]).argmax(-1)
+        rows = torch.arange(start, start + pred.shape[1], device=test_y.device)
+        correct += ((pred == test_y[:, start:start + chunk]) & (rows < num_test[:, None])).sum(1)
+    return 100.0 * correct / num_test
+
+
+# --------------------------------------------------------------------------- optimizers
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_``'s scale factor per client: min(1, max_norm / (norm + 1e-6))."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+class StackedSGD:
+    """``torch.optim.SGD`` (momentum, weight decay) on stacked per-client tensors (N, ...).
+
+    Inactive clients keep their parameters and buffers.  Buffers start at zero,
+    which equals SGD's first step (buf = d) exactly.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, weight_decay: float):
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+        self.bufs = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> None:
+        for p, g, buf in zip(self.params, grads, self.bufs):
+            keep = active.view(-1, *([1] * (p.dim() - 1)))
+            new_buf = buf * self.momentum + (g + self.weight_decay * p)
+            buf.copy_(torch.where(keep, new_buf, buf))
+            p.copy_(torch.where(keep, p - self.lr * new_buf, p))
+
+
+class FactoredHeads:
+    """Per-client head matrices W_n = alpha_n W0 + sum_s beta_{n,s} u_{n,s} v_{n,s}ᵀ under exact SGD.
+
+    W0 (P, H) is the round's global head matrix, shared by every client;
+    u (N, S, P) and v (N, S, H) hold each step's rank-one gradient factors.
+    See the module docs for the recurrences.
+    """
+
+    def __init__(self, w0: torch.Tensor, num_clients: int, max_steps: int):
+        p, h = w0.shape
+        self.w0, self.steps = w0, 0
+        self.u = w0.new_zeros(num_clients, max_steps, p)
+        self.v = w0.new_zeros(num_clients, max_steps, h)
+        self.alpha, self.gamma = w0.new_ones(num_clients), w0.new_zeros(num_clients)
+        self.beta, self.delta = w0.new_zeros(num_clients, max_steps), w0.new_zeros(num_clients, max_steps)
+
+    def matvec(self, h: torch.Tensor) -> torch.Tensor:
+        """W_n h_n for every client: (N, H) -> (N, P)."""
+        s = self.steps
+        out = self.alpha[:, None] * (h @ self.w0.t())
+        if s:
+            coeff = self.beta[:, :s] * torch.bmm(self.v[:, :s], h.unsqueeze(2)).squeeze(2)  # (N, s)
+            out = out + torch.bmm(coeff.unsqueeze(1), self.u[:, :s]).squeeze(1)
+        return out
+
+    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
+        """W_nᵀ g_n for every client: (N, P) -> (N, H)."""
+        s = self.steps
+        out = self.alpha[:, None] * (g @ self.w0)
+        if s:
+            coeff = self.beta[:, :s] * torch.bmm(self.u[:, :s], g.unsqueeze(2)).squeeze(2)  # (N, s)
+            out = out + torch.bmm(coeff.unsqueeze(1), self.v[:, :s]).squeeze(1)
+        return out
+
+    @torch.no_grad()
+    def sgd_step(self, grad_u: torch.Tensor, grad_v: torch.Tensor, active: torch.Tensor, lr: float,
+                 momentum: float, weight_decay: float) -> None:
+        """SGD with gradient grad_u ⊗ grad_v ((N, P), (N, H), already clipped) for the active clients."""
+        s = self.steps
+        self.u[:, s], self.v[:, s] = grad_u, grad_v
+        gamma = momentum * self.gamma + weight_decay * self.alpha
+        delta = momentum * self.delta + weight_decay * self.beta
+        delta[:, s] = 1.0  # this step's gradient enters the buffer with weight 1
+        alpha, beta = self.alpha - lr * gamma, self.beta - lr * delta
+        keep = active[:, None]
+        self.gamma = torch.where(active, gamma, self.gamma)
+        self.alpha = torch.where(active, alpha, self.alpha)
+        self.delta = torch.where(keep, delta, self.delta)
+        self.beta = torch.where(keep, beta, self.beta)
+        self.steps += 1
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        """sum_n weights_n W_n as one GEMM over the stacked factors: (P, H)."""
+        s = self.steps
+        lowrank = (self.u[:, :s] * (weights[:, None] * self.beta[:, :s])[:, :, None]).flatten(0, 1)  # (N s, P)
+        return (weights * self.alpha).sum() * self.w0 + lowrank.t() @ self.v[:, :s].flatten(0, 1)
+
+    def materialize(self, n: int) -> torch.Tensor:
+        """Client n's head matrix W_n (P, H): what it would upload."""
+        s = self.steps
+        return self.alpha[n] * self.w0 + (self.u[n, :s] * self.beta[n, :s, None]).t() @ self.v[n, :s]
+
+
+# --------------------------------------------------------------------------- HyperFL
+
+class HyperFLBatched:
+    """HyperFL with all sampled clients trained in lockstep (same results as :class:`HyperFLReference`)."""
+
+    method = "hyperfl"
+    progress_unit = "epoch"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
+        hypernet, embeddings, classifiers = init_hyperfl(spec, len(clients), cfg, device)
+        self.hypernet = hypernet  # the global hypernetwork psi
+        # private client state, never uploaded: (Nc, E), (Nc, K, D), (Nc, K)
+        self.client_embeddings = torch.stack([v.detach() for v in embeddings])
+        self.classifier_weight = torch.stack([c.weight.detach() for c in classifiers])
+        self.classifier_bias = torch.stack([c.bias.detach() for c in classifiers])
+
+    def features(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return extract_features_batched(x, split_theta(theta, self.spec), self.spec)
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        cfg, n = self.cfg, len(sampled)
+        idx = torch.tensor(sampled, device=self.client_embeddings.device)
+        psi = {k: t.detach() for k, t in self.hypernet.state_dict().items()}
+        # every sampled client receives the global psi; its private parts come from its own store
+        embedding = self.client_embeddings[idx].clone()  # (N, E)
+        cls_w, cls_b = self.classifier_weight[idx].clone(), self.classifier_bias[idx].clone()
+
+        # 1. classifier phase: theta from the global psi (one shared GEMM), not trained
+        theta = ops.generate_weights(embedding, psi["fc.weight"], psi["fc.bias"], psi["heads.weight"],
+                                     psi["heads.bias"])  # (N, P)
+        classifier_sgd = StackedSGD([cls_w, cls_b], cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
+        for batch in epoch_batches(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, 0):
+            with torch.no_grad():
+                feats = self.features(batch.x, theta)
+            w, b = cls_w.clone().requires_grad_(), cls_b.clone().requires_grad_()
+            loss = client_losses(classify(feats, w, b), batch).sum()  # each client's own loss
+            classifier_sgd.step(list(torch.autograd.grad(loss, [w, b])), batch.active)
+
+        # 2. hypernetwork phase: psi_n and v_n in lockstep, classifier frozen
+        steps_per_epoch = max(-(-self.data.clients[c].num_train // cfg.batch_size) for c in sampled)
+        heads = FactoredHeads(psi["heads.weight"], n, steps_per_epoch * cfg.local_epochs)
+        fc_w = psi["fc.weight"].expand(n, -1, -1).clone()  # (N, H, E)
+        fc_b = psi["fc.bias"].expand(n, -1).clone()  # (N, H)
+        head_b = psi["heads.bias"].expand(n, -1).clone()  # (N, P)
+        hyper_sgd = StackedSGD([fc_w, fc_b, head_b], cfg.lr, cfg.momentum, cfg.weight_decay)
+        embedding_sgd = StackedSGD([embedding], cfg.lr, cfg.momentum, cfg.weight_decay)
+        for epoch in progress(range(1, cfg.local_epochs + 1)):
+            loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+            for batch in epoch_batches(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, epoch):
+                pre = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2)  # (N, H)
+                hidden = pre.relu()
+                theta = (heads.matvec(hidden) + head_b).requires_grad_()  # (N, P)
+                losses = client_losses(classify(self.features(batch.x, theta), cls_w, cls_b), batch)
+                (d_theta,) = torch.autograd.grad(losses.sum(), theta)
+                # chain rule theta -> (psi_n, v_n), by hand
+                d_pre = heads.rmatvec(d_theta) * (pre > 0)  # (N, H)
+                d_fc_w = d_pre.unsqueeze(2) * embedding.unsqueeze(1)  # (N, H, E)
+                d_embedding = torch.bmm(d_pre.unsqueeze(1), fc_w).squeeze(1)  # (N, E)
+                hyper_norm = (ops.head_grad_sq_norm(d_theta, hidden) + d_fc_w.pow(2).sum((1, 2))
+                              + d_pre.pow(2).sum(1)).sqrt()
+                c_hyper = clip_coefficient(hyper_norm, cfg.grad_clip)[:, None]
+                c_embed = clip_coefficient(d_embedding.norm(dim=1), cfg.grad_clip)[:, None]
+                heads.sgd_step(d_theta * c_hyper, hidden, batch.active, cfg.lr, cfg.momentum, cfg.weight_decay)
+                hyper_sgd.step([d_fc_w * c_hyper[:, :, None], d_pre * c_hyper, d_theta * c_hyper], batch.active)
+                embedding_sgd.step([d_embedding * c_embed], batch.active)
+                loss_sum += losses.detach() * batch.active
+                loss_count += batch.active
+        train_loss = loss_sum / loss_count  # mean loss of the last epoch, per client
+
+        # local accuracy: each client's own trained hypernetwork, embedding and classifier
+        hidden = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2).relu()
+        local_theta = heads.matvec(hidden) + head_b
+        local_acc = batched_accuracy(self.data, sampled,
+                                     lambda x: classify(self.features(x, local_theta), cls_w, cls_b))
+
+        # upload and aggregate: the weighted mean of the clients' hypernetworks (nothing else leaves them)
+        weights = self.data.num_train[idx].to(fc_w.dtype)
+        weights = weights / weights.sum()
+        self.hypernet.load_state_dict({
+            "fc.weight": torch.einsum("n,nhe->he", weights, fc_w),
+            "fc.bias": weights @ fc_b,
+            "heads.weight": heads.weighted_sum(weights),
+            "heads.bias": weights @ head_b,
+        })
+        self.client_embeddings[idx], self.classifier_weight[idx], self.classifier_bias[idx] = embedding, cls_w, cls_b
+        global_acc = self.global_accuracy(sampled)
+        return [ClientResult(c, *(float(t[i]) for t in (train_loss, local_acc, global_acc)))
+                for i, c in enumerate(sampled)]
+
+    @torch.no_grad()
+    def global_accuracy(self, cids: list[int]) -> torch.Tensor:
+        """Clients' test accuracy with the global hypernetwork and their private parts: (N,)."""
+        idx = torch.tensor(cids, device=self.client_embeddings.device)
+        hn = self.hypernet
+        theta = ops.generate_weights(self.client_embeddings[idx], hn.fc.weight, hn.fc.bias, hn.heads.weight,
+                                     hn.heads.bias)
+        w, b = self.classifier_weight[idx], self.classifier_bias[idx]
+        return batched_accuracy(self.data, cids, lambda x: classify(self.features(x, theta), w, b))
+
+    def state_dict(self) -> dict:
+        return {"hypernet": self.hypernet.state_dict(), "client_embeddings": self.client_embeddings,
+                "classifier_weight": self.classifier_weight, "classifier_bias": self.classifier_bias}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.hypernet.load_state_dict(state["hypernet"])
+        for name in ("client_embeddings", "classifier_weight", "classifier_bias"):
+            getattr(self, name).copy_(state[name])
+
+
+# --------------------------------------------------------------------------- baselines
+
+class CNNBatched:
+    """``local`` and ``fedavg``: full per-client CNNs trained in lockstep as stacked tensors."""
+
+    progress_unit = "epoch"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
+        self.method = cfg.method
+        count = 1 if cfg.method == "fedavg" else len(clients)
+        models = [TargetCNN(spec).to(device) for _ in range(count)]
+        # fedavg: the global model (1, ...); local: every client's model (Nc, ...)
+        self.params = {k: torch.stack([m.state_dict()[k] for m in models]) for k in models[0].state_dict()}
+
+    def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = extract_features_batched(x, params, self.spec)
+        return classify(feats, params["fc2.weight"], params["fc2.bias"])
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        cfg, n = self.cfg, len(sampled)
+        idx = torch.tensor(sampled, device=self.data.train_y.device)
+        if self.method == "fedavg":  # every client receives the global model
+            params = {k: t.expand(n, *t.shape[1:]).clone() for k, t in self.params.items()}
+        else:
+            params = {k: t[idx].clone() for k, t in self.params.items()}
+        sgd = StackedSGD(list(params.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
+        for epoch in progress(range(cfg.local_epochs)):
+            loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+            for batch in epoch_batches(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, epoch):
+                leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+                losses = client_losses(self.logits(batch.x, leaves), batch)
+                sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
+                loss_sum += losses.detach() * batch.active
+                loss_count += batch.active
+        train_loss = loss_sum / loss_count
+        local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, params))
+        if self.method == "fedavg":  # upload the whole model; the server averages by data size
+            weights = self.data.num_train[idx].to(self.data.train_x.dtype)
+            weights = weights / weights.sum()
+            self.params = {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in params.items()}
+            global_params = {k: t.expand(n, *t.shape[1:]) for k, t in self.params.items()}
+            global_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, global_params))
+        else:
+            for k, t in params.items():
+                self.params[k][idx] = t
+            global_acc = local_acc
+        return [ClientResult(c, *(float(t[i]) for t in (train_loss, local_acc, global_acc)))
+                for i, c in enumerate(sampled)]
+
+    def state_dict(self) -> dict:
+        return {"params": self.params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params = {k: t.clone() for k, t in state["params"].items()}
+
+
+def build_batched(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+    """The batched engine for ``cfg.method``; seeds model initialisation with ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "hyperfl":
+        return HyperFLBatched(spec, clients, cfg, device)
+    return CNNBatched(spec, clients, cfg, device)
