@@ -1,0 +1,17 @@
+"""Privacy evaluation: gradient inversion attacks against FedAvg and HyperFL.
+
+- :mod:`.metrics`: PSNR, SSIM, best matching of reconstructions to ground truth;
+- :mod:`.attacks`: the client's upload as a differentiable function
+  (:func:`~.attacks.local_update`) and the IG / DLG optimisers (:func:`~.attacks.reconstruct`);
+- :mod:`.threats`: what the server observes and knows for FedAvg and for
+  HyperFL attack variants a (unknown private parts), b (white-box) and
+  c (structure-aware).
+
+The command line is ``python -m hyperfl_fast.attack``.
+"""
+from .attacks import AttackBudget, LocalTraining, reconstruct
+from .metrics import match_to_ground_truth, psnr, ssim
+from .threats import fedavg_scenario, hyperfl_scenario
+
+__all__ = ["AttackBudget", "LocalTraining", "fedavg_scenario", "hyperfl_scenario", "match_to_ground_truth",
+           "psnr", "reconstruct", "ssim"]

@@ -1,0 +1,188 @@
+"""Gradient inversion: the client update an attacker observes, and the optimisers that invert it.
+
+A client's upload is produced by :func:`local_update`: with ``steps == 1`` it
+is the gradient (the classic gradient-inversion setting), otherwise the
+parameter change after ``steps`` SGD steps (momentum, weight decay, optional
+per-group norm clipping: the real local training).  The same function,
+differentiable end to end, simulates the upload from dummy data, so an attack
+only has to say which quantities are unknown.
+
+- IG (Geiping et al. 2020): 1 - cosine similarity between simulated and
+  observed uploads + total-variation prior, Adam with step decay (x0.1 at 3/8,
+  5/8, 7/8 of the iterations), several random restarts, best kept by matching loss.
+- DLG (Zhu et al. 2019): squared L2 distance, L-BFGS.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+Params = dict[str, torch.Tensor]
+LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LocalTraining:
+    """How the attacked client trains before uploading."""
+
+    steps: int = 1  # 1: the upload is the gradient; > 1: the upload is the parameter change
+    lr: float = 0.02
+    momentum: float = 0.5
+    weight_decay: float = 5e-4
+    clip: float | None = None  # max grad norm per group (HyperFL: 50), None = no clipping
+    groups: list[list[str]] = field(default_factory=list)  # clipping groups (names of trainable tensors)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against (soft) label distributions (B, K): the batch mean, as the client's loss."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def local_update(loss_fn: LossFn, trainable: Params, frozen: Params, x: torch.Tensor, y: torch.Tensor,
+                 training: LocalTraining, create_graph: bool = False) -> Params:
+    """The client's upload for data (x, y): gradients (1 step) or parameter changes (several steps).
+
+    ``create_graph`` keeps it differentiable w.r.t. x, y and every input
+    tensor, which is how an attacker simulates it.
+    """
+    # leaves to differentiate against (the values are the caller's tensors)
+    params = {k: t if t.requires_grad else t.detach().requires_grad_() for k, t in trainable.items()}
+    names = list(params)
+    bufs = {k: torch.zeros_like(t) for k, t in params.items()}
+    for _ in range(training.steps):
+        loss = loss_fn({**frozen, **params}, x, y)
+        grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names],
+                                                   create_graph=create_graph or training.steps > 1)))
+        if training.steps == 1:
+            return grads
+        if training.clip is not None:
+            for group in training.groups:
+                norm = torch.sqrt(sum(grads[k].pow(2).sum() for k in group))
+                coef = torch.clamp(training.clip / (norm + 1e-6), max=1.0)
+                grads.update({k: grads[k] * coef for k in group})
+        for k in names:
+            bufs[k] = training.momentum * bufs[k] + grads[k] + training.weight_decay * params[k]
+            params[k] = params[k] - training.lr * bufs[k]
+    return {k: params[k] - trainable[k] for k in names}
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixels (images (B, C, H, W))."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def cosine_distance(simulated: list[torch.Tensor], observed: list[torch.Tensor]) -> torch.Tensor:
+    """1 - cosine similarity of the two uploads, all tensors flattened into one vector."""
+    dot = sum((s * o).sum() for s, o in zip(simulated, observed))
+    norm_s = torch.sqrt(sum(s.pow(2).sum() for s in simulated))
+    norm_o = torch.sqrt(sum(o.pow(2).sum() for o in observed))
+    return 1 - dot / (norm_s * norm_o + 1e-12)
+
+
+def l2_distance(simulated: list[torch.Tensor], observed: list[torch.Tensor]) -> torch.Tensor:
+    return sum((s - o).pow(2).sum() for s, o in zip(simulated, observed))
+
+
+@dataclass
+class AttackBudget:
+    """Optimisation budget and hyper-parameters of an attack."""
+
+    iterations: int = 1000
+    restarts: int = 1
+    lr: float = 0.1  # Adam (IG) step size; L-BFGS uses 1
+    tv_weight: float = 1e-4
+    seed: int = 0
+
+
+@dataclass
+class Unknowns:
+    """What the attacker optimises besides the images: named tensors and their initialisers."""
+
+    init: dict[str, Callable[[torch.Generator], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Reconstruction:
+    images: torch.Tensor  # (B, C, H, W) in the model's normalised input space
+    labels: torch.Tensor  # (B, K) label distribution used at the end
+    extras: Params  # the other optimised unknowns
+    matching_loss: float
+    seconds: float
+
+
+def reconstruct(simulate: Callable[[torch.Tensor, torch.Tensor, Params], list[torch.Tensor]],
+                observed: list[torch.Tensor], shape: tuple[int, ...], num_classes: int, bounds: tuple,
+                labels: torch.Tensor | None = None, unknowns: Unknowns | None = None, method: str = "ig",
+                budget: AttackBudget | None = None,
+                progress: Callable[[Iterable], Iterable] = iter) -> Reconstruction:
+    """Find images (and unknowns) whose simulated upload matches ``observed``.
+
+    simulate(images, label_distributions, extras) -> upload tensors (same order
+    as ``observed``).  ``labels`` (B,) if known/inferred, else optimised.
+    ``bounds`` (low, high): per-channel tensors (C, 1, 1) of the valid input range.
+    """
+    budget = budget or AttackBudget()
+    unknowns = unknowns or Unknowns()
+    if method not in ("ig", "dlg"):
+        raise ValueError(f"attack method must be 'ig' or 'dlg', got {method!r}")
+    gen = torch.Generator().manual_seed(budget.seed)
+    low, high = bounds
+    best = None
+    start = time.perf_counter()
+    for _ in range(budget.restarts):
+        x = torch.randn(shape, generator=gen).clamp(low, high).requires_grad_()
+        extras = {k: fn(gen).requires_grad_() for k, fn in unknowns.init.items()}
+        label_logits = None if labels is not None else torch.randn(shape[0], num_classes,
+                                                                     generator=gen).requires_grad_()
+        variables = [x, *extras.values()] + ([label_logits] if label_logits is not None else [])
+
+        def label_dist():
+            return F.one_hot(labels, num_classes).float() if labels is not None else label_logits.softmax(-1)
+
+        def objective():
+            upload = simulate(x, label_dist(), extras)
+            if method == "ig":
+                return cosine_distance(upload, observed) + budget.tv_weight * total_variation(x)
+            return l2_distance(upload, observed)
+
+        if method == "ig":
+            opt = torch.optim.Adam(variables, lr=budget.lr)
+            milestones = [int(budget.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+            for _ in progress(range(budget.iterations)):
+                opt.zero_grad()
+                objective().backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    x.copy_(torch.max(torch.min(x, high), low))
+        else:
+            opt = torch.optim.LBFGS(variables, lr=1.0, max_iter=1, history_size=100)
+
+            def closure():
+                opt.zero_grad()
+                value = objective()
+                value.backward()
+                return value
+
+            for _ in progress(range(budget.iterations)):
+                opt.step(closure)
+        final = float(objective().detach())
+        if best is None or final < best.matching_loss:
+            best = Reconstruction(x.detach().clone(), label_dist().detach(), {k: t.detach() for k, t in extras.items()},
+                                  final, 0.0)
+    best.seconds = time.perf_counter() - start
+    return best
+
+
+def infer_labels(bias_upload: torch.Tensor, batch_size: int, is_gradient: bool) -> torch.Tensor:
+    """Labels from the classifier-bias gradient (or update): its most negative gradient entries.
+
+    Exact for batch size 1 (iDLG); for larger batches it assumes distinct labels.
+    """
+    score = bias_upload if is_gradient else -bias_upload
+    return torch.argsort(score)[:batch_size].sort().values
