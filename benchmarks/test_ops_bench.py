@@ -13,7 +13,7 @@ from torch.func import functional_call, vmap
 from hyperfl_fast import ops
 from hyperfl_fast.models import HyperNetwork, TargetCNN, cnn_spec, extract_features_batched, split_theta
 
-from conftest import DEVICE, N_CLIENTS, copy_bandwidth, report_bandwidth, skip_unless_available, timed  # noqa: F401
+from conftest import DEVICE, N_CLIENTS, report_bandwidth, skip_unless_available, timed
 
 MODELS = {"fmnist": cnn_spec(1, 10), "cifar": cnn_spec(3, 10)}
 E, H = 64, 128

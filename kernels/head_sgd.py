@@ -17,7 +17,6 @@ The clip coefficient comes from the closed-form norm in
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -8,7 +8,6 @@ thousands and active gradient clipping, where float32 rounding differences
 float64 the engines agree to ~1e-12, which is the proof that the fast engine
 computes HyperFL itself (factored heads included) and not something near it.
 """
-import dataclasses
 
 import pytest
 import torch
