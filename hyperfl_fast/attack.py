@@ -21,6 +21,7 @@ from .config import Config
 from .data import DATASETS, DatasetError, load_dataset
 from .models import HyperNetwork, TargetCNN, cnn_spec
 from .privacy.attacks import AttackBudget, LocalTraining, reconstruct
+from .privacy.lpips import LPIPS
 from .privacy.metrics import match_to_ground_truth, psnr, ssim
 from .privacy.threats import fedavg_scenario, hyperfl_scenario
 from .reference import init_hyperfl
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv", type=float, default=1e-3, help="total-variation weight (IG)")
     p.add_argument("--checkpoint", default=None, help="attack the models in a hyperfl_fast.train checkpoint.pt")
     p.add_argument("--client", type=int, default=0, help="which client's private parts a checkpoint provides")
+    p.add_argument("--lpips-alexnet", default=None, help="local torchvision AlexNet weights (state dict) for LPIPS")
+    p.add_argument("--lpips-linear", default=None, help="local LPIPS linear-layer weights for AlexNet (alex.pth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="runs/attack")
     return p
@@ -90,6 +93,9 @@ def run_attacks(args, log=print) -> dict:
     for name in ("iterations", "restarts", "local_steps"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if (args.lpips_alexnet is None) != (args.lpips_linear is None):
+        raise ValueError("LPIPS needs both --lpips-alexnet and --lpips-linear (or neither)")
+    lpips = LPIPS(args.lpips_alexnet, args.lpips_linear) if args.lpips_alexnet else None
     dataset = load_dataset(args.dataset, args.data_dir)
     spec = cnn_spec(dataset.in_channels, dataset.num_classes)
     gen = torch.Generator().manual_seed(args.seed)
@@ -120,7 +126,8 @@ def run_attacks(args, log=print) -> dict:
             variant = scenario.name.split("-")[1] if "-" in scenario.name else ""
             rows.append({"method": scenario.name.split("-")[0], "variant": variant,
                          "variant_name": VARIANT_NAMES.get(variant, "IG" if args.attack == "ig" else "DLG"),
-                         "setting": setting, "psnr": p.mean().item(), "ssim": s.mean().item(), "lpips": None,
+                         "setting": setting, "psnr": p.mean().item(), "ssim": s.mean().item(),
+                         "lpips": lpips(recon, truth).mean().item() if lpips else None,
                          "psnr_per_image": p.tolist(), "ssim_per_image": s.tolist(),
                          "matching_loss": rec.matching_loss, "seconds": rec.seconds, **scenario.diagnostics})
             images.append(recon)
@@ -142,8 +149,10 @@ def markdown_table(rows: list[dict]) -> str:
     """Rows method/variant/setting; columns PSNR, SSIM, LPIPS (as the paper's Table 3)."""
     lines = ["| method | variant | setting | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|---|"]
     for r in rows:
+        lpips = f"{r['lpips']:.3f}" if r["lpips"] is not None else \
+            "not computed (needs local pretrained weights: --lpips-alexnet, --lpips-linear)"
         lines.append(f"| {r['method']} | {r['variant_name']} | {r['setting']} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-                     "not computed (needs pretrained weights, unavailable offline) |")
+                     f"{lpips} |")
     return "\n".join(lines) + "\n"
 
 

@@ -108,9 +108,26 @@ def test_cli_writes_json_table_and_grid(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["variant"]) for r in results["rows"]] == [("fedavg", ""), ("hyperfl", "c")]
     table = (out / "table.md").read_text()
-    assert "| fedavg |" in table and "not computed" in table  # LPIPS is never a made-up number
+    assert "| fedavg |" in table and "not computed" in table  # without weight files LPIPS is never made up
     with Image.open(out / "grid.png") as grid:
         # 3 rows (ground truth, 2 attacks) x 2 images of 28x28, padding 2
         assert grid.size == (2 * (28 + 2) + 2, 3 * (28 + 2) + 2)
     assert main(["--dataset", "synthetic", "--batch-size", "9", "--output-dir", str(out)]) == 2
     assert "--batch-size must be between 1 and 8" in capsys.readouterr().err
+
+
+def test_cli_reports_lpips_when_given_local_weights(tmp_path):
+    from torchvision.models import alexnet
+
+    from hyperfl_fast.attack import main
+
+    torch.save(alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))},
+               tmp_path / "lin.pth")
+    out = tmp_path / "attack"
+    assert main(["--dataset", "synthetic", "--method", "fedavg", "--iterations", "1", "--output-dir", str(out),
+                 "--lpips-alexnet", str(tmp_path / "alexnet.pth"), "--lpips-linear", str(tmp_path / "lin.pth")]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["lpips"] > 0 and "not computed" not in (out / "table.md").read_text()
+    assert main(["--dataset", "synthetic", "--lpips-alexnet", str(tmp_path / "alexnet.pth"),
+                 "--output-dir", str(out)]) == 2
