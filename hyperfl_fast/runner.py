@@ -135,5 +135,4 @@ def run(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -
         _write_metrics(out, cfg, rounds)
         log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
             f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | {seconds:6.1f} s")
-    _write_metrics(out, cfg, rounds)
     return RunResult(cfg, rounds, out)
