@@ -1,17 +1,14 @@
 """Reconstruction quality: PSNR, SSIM and the best matching between reconstructions and ground truth.
 
-Images are (B, C, H, W) in [0, 1].  LPIPS needs pretrained backbone weights,
-which are not available offline; it is not computed here, and reports say so.
+Images are (B, C, H, W) in [0, 1].  LPIPS, which needs local pretrained
+weights, is in :mod:`.lpips`.
 """
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
-
-PSNR_CAP = math.inf  # identical images give inf; tables print it as "inf"
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
