@@ -19,12 +19,11 @@ from torch import nn
 
 from .config import Config
 from .data import DATASETS, DatasetError, load_dataset
-from .models import HyperNetwork, TargetCNN, cnn_spec
+from .models import HyperNetwork, TargetCNN, cnn_spec, init_hyperfl
 from .privacy.attacks import AttackBudget, LocalTraining, reconstruct
 from .privacy.lpips import LPIPS
 from .privacy.metrics import match_to_ground_truth, psnr, ssim
 from .privacy.threats import fedavg_scenario, hyperfl_scenario
-from .reference import init_hyperfl
 
 VARIANTS = ("a", "b", "c")
 VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (true embedding + classifier)",
@@ -60,7 +59,7 @@ def load_models(args, spec, device):
     cfg = Config(dataset=args.dataset, clients=max(args.client + 1, 1), seed=args.seed)
     torch.manual_seed(args.seed)
     fedavg_model = TargetCNN(spec)
-    hypernet, embeddings, classifiers = init_hyperfl(spec, cfg.clients, cfg, device)
+    hypernet, embeddings, classifiers = init_hyperfl(spec, cfg.clients, cfg.embed_dim, cfg.hidden_dim, device)
     embedding, classifier = embeddings[args.client].detach(), classifiers[args.client]
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -120,7 +119,8 @@ def run_attacks(args, log=print) -> dict:
         for scenario in scenarios:
             log(f"attacking {scenario.name} ({setting}, {args.attack}, {args.iterations} iterations)")
             rec = reconstruct(scenario.simulate, scenario.observed, tuple(x.shape), spec.num_classes, bounds,
-                              scenario.labels, scenario.unknowns, args.attack, budget, progress=_progress(scenario.name))
+                              scenario.labels, scenario.unknowns, args.attack, budget,
+                              progress=_progress(scenario.name))
             recon = match_to_ground_truth((rec.images * std + mean).clamp(0, 1), truth)
             p, s = psnr(recon, truth), ssim(recon, truth)
             variant = scenario.name.split("-")[1] if "-" in scenario.name else ""

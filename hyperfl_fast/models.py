@@ -89,12 +89,10 @@ def split_theta(theta: torch.Tensor, spec: CNNSpec) -> dict[str, torch.Tensor]:
             f"theta must end in a flat vector of {spec.num_feature_params} values, got shape {tuple(theta.shape)}"
         )
     lead = theta.shape[:-1]
-    out, offset = {}, 0
-    for name, shape in spec.feature_shapes():
-        n = math.prod(shape)
-        out[name] = theta[..., offset:offset + n].reshape(*lead, *shape)
-        offset += n
-    return out
+    shapes = spec.feature_shapes()
+    # one split (its backward is a single concatenation, not a zero-filled (..., P) per slice)
+    pieces = theta.split([math.prod(shape) for _, shape in shapes], dim=-1)
+    return {name: piece.reshape(*lead, *shape) for (name, shape), piece in zip(shapes, pieces)}
 
 
 def extract_features(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec) -> torch.Tensor:
@@ -190,3 +188,15 @@ class GeneratedCNN(nn.Module):
     def upload(self) -> dict[str, torch.Tensor]:
         """What the client sends to the server: copies of the hypernetwork's tensors, nothing else."""
         return {name: t.detach().clone() for name, t in self.hypernet.state_dict().items()}
+
+
+def init_hyperfl(spec: CNNSpec, num_clients: int, embed_dim: int, hidden_dim: int, device: torch.device):
+    """Initial HyperFL state, drawn in a fixed order so every engine starts from the same tensors.
+
+    Returns the global hypernetwork, every client's embedding v_i (E,) (N(0, 1),
+    like ``nn.Embedding``) and every client's classifier (PyTorch's default init).
+    """
+    hypernet = HyperNetwork(embed_dim, hidden_dim, spec.num_feature_params).to(device)
+    embeddings = [nn.Parameter(torch.randn(embed_dim).to(device)) for _ in range(num_clients)]
+    classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in range(num_clients)]
+    return hypernet, embeddings, classifiers

@@ -14,11 +14,10 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import Config
 from .federation import ClientData, ClientResult, accuracy, weighted_average
-from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN
+from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, init_hyperfl
 
 
 def sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
@@ -68,18 +67,6 @@ def train_hyperfl_client(model: GeneratedCNN, data: ClientData, cfg: Config, rou
     return sum(losses) / len(losses)
 
 
-def init_hyperfl(spec: CNNSpec, num_clients: int, cfg: Config, device: torch.device):
-    """Initial HyperFL state, drawn in a fixed order so every engine starts from the same tensors.
-
-    Returns the global hypernetwork, every client's embedding v_i (E,) (N(0, 1),
-    like ``nn.Embedding``) and every client's classifier (PyTorch's default init).
-    """
-    hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params).to(device)
-    embeddings = [nn.Parameter(torch.randn(cfg.embed_dim).to(device)) for _ in range(num_clients)]
-    classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in range(num_clients)]
-    return hypernet, embeddings, classifiers
-
-
 class HyperFLReference:
     """HyperFL: only the hypernetwork psi is shared; embeddings v_i and classifiers phi_i stay private."""
 
@@ -89,7 +76,8 @@ class HyperFLReference:
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.clients, self.cfg = spec, clients, cfg
         # the global hypernetwork, and each client's private state (never uploaded)
-        self.hypernet, self.client_embeddings, self.classifiers = init_hyperfl(spec, len(clients), cfg, device)
+        self.hypernet, self.client_embeddings, self.classifiers = init_hyperfl(
+            spec, len(clients), cfg.embed_dim, cfg.hidden_dim, device)
 
     def client_model(self, cid: int, hypernet: HyperNetwork) -> GeneratedCNN:
         return GeneratedCNN(self.spec, hypernet, self.client_embeddings[cid], self.classifiers[cid])

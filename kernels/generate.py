@@ -133,10 +133,11 @@ class GenerateWeights(torch.autograd.Function):
                 else outer(d_theta, hidden)
         if ctx.needs_input_grad[4]:
             d_head_b = d_theta.sum(0) if shared else d_theta
+        shared_fc = fc_weight.dim() == 2
         if ctx.needs_input_grad[1]:
-            d_fc_w = d_hidden.t() @ embeddings if fc_weight.dim() == 2 else d_hidden.unsqueeze(2) * embeddings.unsqueeze(1)
+            d_fc_w = d_hidden.t() @ embeddings if shared_fc else d_hidden.unsqueeze(2) * embeddings.unsqueeze(1)
         if ctx.needs_input_grad[2]:
-            d_fc_b = d_hidden.sum(0) if fc_weight.dim() == 2 else d_hidden
+            d_fc_b = d_hidden.sum(0) if shared_fc else d_hidden
         if ctx.needs_input_grad[0]:
-            d_emb = d_hidden @ fc_weight if fc_weight.dim() == 2 else torch.bmm(d_hidden.unsqueeze(1), fc_weight).squeeze(1)
+            d_emb = d_hidden @ fc_weight if shared_fc else torch.bmm(d_hidden.unsqueeze(1), fc_weight).squeeze(1)
         return d_emb, d_fc_w, d_fc_b, d_head_w, d_head_b

@@ -12,13 +12,13 @@ computes HyperFL itself (factored heads included) and not something near it.
 import pytest
 import torch
 
-from hyperfl_fast.batched import FactoredHeads, build_batched
+from hyperfl_fast.batched import FactoredHeads, StackedSGD, build_batched
 from hyperfl_fast.config import Config
 from hyperfl_fast.federation import sample_clients
 from hyperfl_fast.models import cnn_spec
 from hyperfl_fast.reference import build_reference
 
-from conftest import small_federation
+from conftest import DEVICE, small_federation
 
 
 @pytest.fixture
@@ -99,11 +99,35 @@ def test_factored_heads_equal_explicit_sgd():
     x, g = torch.randn(n, h), torch.randn(n, p)
     for i in range(n):
         torch.testing.assert_close(heads.materialize(i), w[i], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(heads.matvec(x), torch.einsum("nph,nh->np", w, x), rtol=1e-5, atol=1e-5)
+    bias = torch.randn(n, p)
+    torch.testing.assert_close(heads.matvec(x, bias), torch.einsum("nph,nh->np", w, x) + bias, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(heads.rmatvec(g), torch.einsum("nph,np->nh", w, g), rtol=1e-5, atol=1e-5)
     weights = torch.tensor([0.2, 0.3, 0.5])
     torch.testing.assert_close(heads.weighted_sum(weights), torch.einsum("n,nph->ph", weights, w),
                                rtol=1e-5, atol=1e-5)  # = the weighted mean of materialised uploads
+
+
+def test_stacked_sgd_equals_torch_sgd_per_client():
+    """StackedSGD on (N, ...) tensors = one torch.optim.SGD per client; inactive clients stay untouched."""
+    torch.manual_seed(1)
+    n, lr, momentum, wd = 3, 0.1, 0.5, 5e-4
+    params = [torch.randn(n, 4, 3, dtype=torch.float64), torch.randn(n, 5, dtype=torch.float64)]
+    stacked = StackedSGD([p.clone() for p in params], lr, momentum, wd)
+    per_client = [[p[i].clone().requires_grad_() for p in params] for i in range(n)]
+    optimizers = [torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=wd) for ps in per_client]
+    for step in range(4):
+        active = torch.tensor([True, step != 1, step >= 2])
+        grads = [torch.randn_like(p) for p in params]
+        stacked.step(grads, active)
+        for i in range(n):
+            if active[i]:
+                for p, g in zip(per_client[i], grads):
+                    p.grad = g[i].clone()
+                optimizers[i].step()
+    for k in range(len(params)):
+        expected = torch.stack([per_client[i][k].detach() for i in range(n)])
+        torch.testing.assert_close(stacked.params[k], expected, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(stacked.params[0], params[0])
 
 
 def test_cli_runs_both_engines(tmp_path, capsys):
@@ -121,12 +145,12 @@ def test_cli_runs_both_engines(tmp_path, capsys):
 
 def test_batched_engine_on_triton_ops_matches_torch_ops(monkeypatch):
     """The engine composed with the Triton kernels (interpreted on the CPU: tiny sizes) equals the torch path."""
-    _, clients = small_federation(1, clients=2, local_size=5, test_size=5)
-    cfg = Config(dataset="synthetic", clients=2, local_epochs=1, batch_size=5, device="cpu")
+    _, clients = small_federation(1, clients=2, local_size=5, test_size=5, device=DEVICE)
+    cfg = Config(dataset="synthetic", clients=2, local_epochs=1, batch_size=5, device=DEVICE.type)
     results = {}
     for path in ("torch", "triton"):
         monkeypatch.setenv("HYPERFL_OPS_PATH", path)
-        engine = build_batched(cnn_spec(1, 10), clients, cfg, torch.device("cpu"))
+        engine = build_batched(cnn_spec(1, 10), clients, cfg, DEVICE)
         results[path] = (engine.run_round(0, [0, 1]), engine.hypernet.state_dict())
     (torch_results, torch_state), (triton_results, triton_state) = results["torch"], results["triton"]
     for a, b in zip(torch_results, triton_results):

@@ -12,7 +12,8 @@ import torch
 from hyperfl_fast import ops
 from hyperfl_fast.ops import naive
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE
+
 FAST_PATHS = ["torch", "triton"]
 
 
@@ -91,6 +92,16 @@ def test_batched_conv2d_leaky_pool(path, n, b, c, h, cout, k, pad, poisoned):
     inputs = [rand(n, b, c, h, h + 1), rand(n, cout, c, k, k) / math.sqrt(c * k * k), rand(n, cout)]
     check_against_reference(lambda *t, path: ops.batched_conv2d_leaky_pool(*t, padding=pad, path=path),
                             inputs, path)
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_torch_conv_in_client_chunks_matches_reference(n, monkeypatch):
+    """The CPU torch path splits clients into chunks when the output is large (here: forced small)."""
+    from hyperfl_fast.ops import torch_ops
+    monkeypatch.setattr(torch_ops, "CPU_CHUNK_BYTES", 2 * 2 * 16 * 10 * 10 * 4)  # two clients (B=2) per chunk
+    inputs = [torch.randn(n, 2, 3, 10, 10), torch.randn(n, 16, 3, 3, 3) / 5, torch.randn(n, 16)]
+    check_against_reference(lambda *t, path: ops.batched_conv2d_leaky_pool(*t, padding=1, path=path),
+                            inputs, "torch")
 
 
 # --------------------------------------------------------------------------- gradcheck of the references

@@ -20,13 +20,30 @@ def generate_weights(embeddings, fc_weight, fc_bias, head_weight, head_bias):
     return torch.baddbmm(head_bias.unsqueeze(-1), head_weight, h).squeeze(-1)  # (N, P)
 
 
+# On the CPU one grouped convolution's output is kept under this size by splitting the clients into chunks:
+# it stays in cache and off glibc's mmap path (a fresh, page-faulting buffer for every call above 32 MiB).
+# Fashion-MNIST's first layer, N=20, B=50: 37 MB whole, fwd+bwd 55 ms -> 42 ms in 3 chunks (2-core EPYC).
+CPU_CHUNK_BYTES = 16 * 2**20
+
+
 def conv2d_leaky_pool(x, weight, bias, padding: int):
-    """(N, B, C, H, W) -> (N, B, Cout, Hp, Wp) as one grouped convolution over the client axis.
+    """(N, B, C, H, W) -> (N, B, Cout, Hp, Wp) as grouped convolutions over the client axis.
 
     Pooling runs before the activation: leaky ReLU is increasing, so
     pool(act(z)) == act(pool(z)) exactly (values and gradients), on 4x fewer
     elements.  Channels-last makes the grouped convolution faster on the CPU.
     """
+    n, b, _, h, w = x.shape
+    cout, k = weight.shape[1], weight.shape[-1]
+    out_bytes = b * n * cout * (h + 2 * padding - k + 1) * (w + 2 * padding - k + 1) * x.element_size()
+    chunks = -(-out_bytes // CPU_CHUNK_BYTES) if x.device.type == "cpu" else 1
+    if chunks == 1:
+        return _grouped_conv_leaky_pool(x, weight, bias, padding)
+    return torch.cat([_grouped_conv_leaky_pool(*part, padding)
+                      for part in zip(x.chunk(chunks), weight.chunk(chunks), bias.chunk(chunks))])
+
+
+def _grouped_conv_leaky_pool(x, weight, bias, padding: int):
     n, b, c, h, w = x.shape
     cout, k = weight.shape[1], weight.shape[-1]
     grouped = x.transpose(0, 1).reshape(b, n * c, h, w)  # clients become channel groups
