@@ -10,6 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the triton-path tests run
 
 from hyperfl_fast.config import Config
 from hyperfl_fast.data import make_synthetic
@@ -17,12 +18,12 @@ from hyperfl_fast.federation import build_clients
 from hyperfl_fast.partition import partition
 
 
-def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed=0):
-    """A synthetic dataset split over a few clients, as ClientData on the CPU."""
+def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed=0, device=torch.device("cpu")):
+    """A synthetic dataset split over a few clients, as ClientData on ``device``."""
     data = make_synthetic(in_channels)
     splits = partition(data.train_labels.numpy(), data.test_labels.numpy(), data.num_classes, data.class_groups,
                        clients, local_size, test_size, 0.2, seed=seed)
-    return data, build_clients(data, splits, torch.device("cpu"))
+    return data, build_clients(data, splits, device)
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ import torch
 
 from hyperfl_fast import ops
 
+from conftest import DEVICE
+
 
 def test_default_path_is_torch_on_cpu_and_env_var_forces_a_path(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
@@ -43,7 +45,7 @@ def test_generate_weights_rejects_bad_arguments(index, bad, message):
 
 
 def test_triton_path_takes_float32_only():
-    args = [t.double() for t in gen_args()]
+    args = [t.double().to(DEVICE) for t in gen_args()]
     with pytest.raises(ValueError, match="the triton path takes float32, embeddings is torch.float64"):
         ops.generate_weights(*args, path="triton")
 
