@@ -290,7 +290,7 @@ class HyperFLBatched:
                               + d_pre.pow(2).sum(1)).sqrt()
                 c_hyper = clip_coefficient(hyper_norm, cfg.grad_clip)[:, None]
                 c_embed = clip_coefficient(d_embedding.norm(dim=1), cfg.grad_clip)[:, None]
-                d_theta = d_theta.mul_(c_hyper)  # clipped; the heads' weight gradient is d_theta ⊗ hidden
+                d_theta.mul_(c_hyper)  # clipped in place; the heads' weight gradient is d_theta ⊗ hidden
                 heads.sgd_step(d_theta, hidden, batch.active, cfg.lr, cfg.momentum, cfg.weight_decay)
                 hyper_sgd.step([d_fc_w * c_hyper[:, :, None], d_pre * c_hyper, d_theta], batch.active)
                 embedding_sgd.step([d_embedding * c_embed], batch.active)

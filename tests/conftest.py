@@ -30,3 +30,15 @@ def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed
 def tiny_config():
     return Config(dataset="synthetic", clients=4, local_epochs=1, batch_size=20, local_size=60, test_size=40,
                   rounds=2, device="cpu")
+
+
+@pytest.fixture
+def lpips_weight_files(tmp_path):
+    """Random stand-ins for the two LPIPS weight files a user provides: (alexnet.pth, lin.pth)."""
+    from torchvision.models import alexnet
+
+    alexnet_path, linear_path = tmp_path / "alexnet.pth", tmp_path / "lin.pth"
+    torch.save(alexnet(weights=None).state_dict(), alexnet_path)
+    channels = (64, 192, 384, 256, 256)  # AlexNet's five ReLU taps
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(channels)}, linear_path)
+    return alexnet_path, linear_path

@@ -116,18 +116,13 @@ def test_cli_writes_json_table_and_grid(tmp_path, capsys):
     assert "--batch-size must be between 1 and 8" in capsys.readouterr().err
 
 
-def test_cli_reports_lpips_when_given_local_weights(tmp_path):
-    from torchvision.models import alexnet
-
+def test_cli_reports_lpips_when_given_local_weights(tmp_path, lpips_weight_files):
     from hyperfl_fast.attack import main
 
-    torch.save(alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))},
-               tmp_path / "lin.pth")
+    alexnet_path, linear_path = (str(p) for p in lpips_weight_files)
     out = tmp_path / "attack"
     assert main(["--dataset", "synthetic", "--method", "fedavg", "--iterations", "1", "--output-dir", str(out),
-                 "--lpips-alexnet", str(tmp_path / "alexnet.pth"), "--lpips-linear", str(tmp_path / "lin.pth")]) == 0
+                 "--lpips-alexnet", alexnet_path, "--lpips-linear", linear_path]) == 0
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["lpips"] > 0 and "not computed" not in (out / "table.md").read_text()
-    assert main(["--dataset", "synthetic", "--lpips-alexnet", str(tmp_path / "alexnet.pth"),
-                 "--output-dir", str(out)]) == 2
+    assert main(["--dataset", "synthetic", "--lpips-alexnet", alexnet_path, "--output-dir", str(out)]) == 2

@@ -1,6 +1,7 @@
 """PSNR / SSIM on known cases, and the matching of reconstructions to ground truth."""
 import math
 
+import pytest
 import torch
 
 from hyperfl_fast.privacy.metrics import match_to_ground_truth, psnr, ssim
@@ -35,20 +36,15 @@ def test_matching_finds_the_best_permutation():
     assert (psnr(matched, truth) > 30).all()
 
 
-def test_lpips_from_local_weight_files(tmp_path):
+def test_lpips_from_local_weight_files(tmp_path, lpips_weight_files):
     """LPIPS loads only from files the user provides (random ones here): 0 for identical images, > 0 otherwise."""
-    import pytest
-    from torchvision.models import alexnet
-
     from hyperfl_fast.privacy.lpips import LPIPS
 
     torch.manual_seed(0)
-    torch.save(alexnet(weights=None).state_dict(), tmp_path / "alexnet.pth")
-    channels = (64, 192, 384, 256, 256)
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(channels)}, tmp_path / "lin.pth")
-    metric = LPIPS(tmp_path / "alexnet.pth", tmp_path / "lin.pth")
+    alexnet_path, linear_path = lpips_weight_files
+    metric = LPIPS(alexnet_path, linear_path)
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(metric(x, x), torch.zeros(2))
     assert (metric(x, torch.rand(2, 1, 28, 28)) > 0).all()
     with pytest.raises(ValueError, match="weight file .* does not exist"):
-        LPIPS(tmp_path / "missing.pth", tmp_path / "lin.pth")
+        LPIPS(tmp_path / "missing.pth", linear_path)
