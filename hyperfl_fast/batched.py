@@ -40,7 +40,7 @@ from . import ops
 from .config import Config
 from .data import apply_crop_flip, draw_crop_flip
 from .federation import ClientData, ClientResult, make_generator
-from .models import CNNSpec, TargetCNN, extract_features_batched, init_hyperfl, split_theta
+from .models import CNNSpec, extract_features_batched, init_hyperfl, init_target_cnns, split_theta
 
 
 # --------------------------------------------------------------------------- data and schedules
@@ -236,7 +236,7 @@ class HyperFLBatched:
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
         hypernet, embeddings, classifiers = init_hyperfl(spec, len(clients), cfg.embed_dim, cfg.hidden_dim,
-                                                         device)
+                                                         device, shared=cfg.client_init == "shared")
         self.hypernet = hypernet  # the global hypernetwork psi
         # private client state, never uploaded: (Nc, E), (Nc, K, D), (Nc, K)
         self.client_embeddings = torch.stack([v.detach() for v in embeddings])
@@ -349,7 +349,7 @@ class CNNBatched:
         self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
         self.method = cfg.method
         count = 1 if cfg.method == "fedavg" else len(clients)
-        models = [TargetCNN(spec).to(device) for _ in range(count)]
+        models = init_target_cnns(spec, count, device, shared=cfg.client_init == "shared")
         # fedavg: the global model (1, ...); local: every client's model (Nc, ...)
         self.params = {k: torch.stack([m.state_dict()[k] for m in models]) for k in models[0].state_dict()}
 

@@ -6,7 +6,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 METHODS = ("hyperfl", "fedavg", "local")
+# The figure the paper reports per method: the mean local accuracy (each client's own trained model on its
+# test split) for personalised methods, the global model's accuracy for non-personalised ones (FedAvg).
+HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc"}
+HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-model accuracy"}
 ENGINES = ("batched", "reference")
+CLIENT_INITS = ("shared", "independent")
 DEFAULT_ROUNDS = 20  # fits `make train` (batched engine) on a 2-core CPU; the paper trains 200 rounds
 
 
@@ -33,6 +38,9 @@ class Config:
     grad_clip: float = 50.0  # hyperfl: max grad norm, separately for hypernetwork and embedding
     embed_dim: int = 64
     hidden_dim: int = 128
+    # "shared": every client starts from one embedding/classifier (or, for local, one CNN) draw, as the
+    # authors' code does by deep-copying one model; "independent": a fresh draw per client (a deviation)
+    client_init: str = "shared"
     iid: bool = False
     iid_share: float = 0.2  # non-IID: share s of each client's samples spread over all classes
     local_size: int | None = None  # training samples per client; None = the dataset's default
@@ -48,6 +56,9 @@ class Config:
             raise ConfigError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine: unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.client_init not in CLIENT_INITS:
+            raise ConfigError(f"--client-init: unknown choice {self.client_init!r}; "
+                              f"choose one of {', '.join(CLIENT_INITS)}")
         if not 0.0 < self.frac <= 1.0:
             raise ConfigError(f"--frac must be in (0, 1], got {self.frac}")
         for name in ("rounds", "clients", "local_epochs", "batch_size", "embed_dim", "hidden_dim",

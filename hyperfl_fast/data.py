@@ -204,6 +204,20 @@ DATASETS = {
 }
 
 
+def dataset_present(name: str, data_dir: str | Path | None = None) -> bool:
+    """Whether ``name``'s files are where its loader looks (a cheap check: nothing is read or validated)."""
+    root = Path(data_dir or ".")
+    expected = {
+        "fmnist": [root / "fashion-mnist" / "train-images-idx3-ubyte", FMNIST_DIR / "train-images-idx3-ubyte"],
+        "emnist": [root / "EMNIST" / "raw" / "emnist-byclass-train-images-idx3-ubyte"],
+        "cifar10": [root / "cifar-10-batches-py" / "data_batch_1"],
+        "cinic10": [root / "CINIC-10" / "train"],
+    }
+    if name not in expected:
+        return name in DATASETS  # the synthetic sets are made, never read
+    return any(path.exists() or path.with_name(path.name + ".gz").exists() for path in expected[name])
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageDataset:
     """Load a dataset by name (one of :data:`DATASETS`) from local files; never downloads."""
     if name not in DATASETS:

@@ -8,6 +8,7 @@ it splits into the feature extractor's tensors.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -190,13 +191,29 @@ class GeneratedCNN(nn.Module):
         return {name: t.detach().clone() for name, t in self.hypernet.state_dict().items()}
 
 
-def init_hyperfl(spec: CNNSpec, num_clients: int, embed_dim: int, hidden_dim: int, device: torch.device):
+def init_hyperfl(spec: CNNSpec, num_clients: int, embed_dim: int, hidden_dim: int, device: torch.device,
+                 shared: bool = True):
     """Initial HyperFL state, drawn in a fixed order so every engine starts from the same tensors.
 
     Returns the global hypernetwork, every client's embedding v_i (E,) (N(0, 1),
     like ``nn.Embedding``) and every client's classifier (PyTorch's default init).
+    ``shared=True`` (the authors' code, which deep-copies one model per client)
+    draws one embedding and one classifier and gives every client its own copy
+    of them; ``shared=False`` draws them independently per client.
     """
     hypernet = HyperNetwork(embed_dim, hidden_dim, spec.num_feature_params).to(device)
-    embeddings = [nn.Parameter(torch.randn(embed_dim).to(device)) for _ in range(num_clients)]
-    classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in range(num_clients)]
-    return hypernet, embeddings, classifiers
+    draws = 1 if shared else num_clients
+    embeddings = [torch.randn(embed_dim).to(device) for _ in range(draws)]
+    classifiers = [nn.Linear(spec.hidden, spec.num_classes).to(device) for _ in range(draws)]
+    if shared:
+        embeddings = embeddings * num_clients
+        classifiers = [copy.deepcopy(classifiers[0]) for _ in range(num_clients)]
+    return hypernet, [nn.Parameter(v.clone()) for v in embeddings], classifiers
+
+
+def init_target_cnns(spec: CNNSpec, count: int, device: torch.device, shared: bool = True) -> list[TargetCNN]:
+    """``count`` target CNNs: copies of one draw (``shared``, as the authors' code) or independent draws."""
+    if shared:
+        first = TargetCNN(spec).to(device)
+        return [first] + [copy.deepcopy(first) for _ in range(count - 1)]
+    return [TargetCNN(spec).to(device) for _ in range(count)]

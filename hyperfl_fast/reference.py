@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .federation import ClientData, ClientResult, accuracy, weighted_average
-from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, init_hyperfl
+from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, init_hyperfl, init_target_cnns
 
 
 def sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
@@ -77,7 +77,7 @@ class HyperFLReference:
         self.spec, self.clients, self.cfg = spec, clients, cfg
         # the global hypernetwork, and each client's private state (never uploaded)
         self.hypernet, self.client_embeddings, self.classifiers = init_hyperfl(
-            spec, len(clients), cfg.embed_dim, cfg.hidden_dim, device)
+            spec, len(clients), cfg.embed_dim, cfg.hidden_dim, device, shared=cfg.client_init == "shared")
 
     def client_model(self, cid: int, hypernet: HyperNetwork) -> GeneratedCNN:
         return GeneratedCNN(self.spec, hypernet, self.client_embeddings[cid], self.classifiers[cid])
@@ -137,7 +137,7 @@ class LocalReference:
 
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.clients, self.cfg = spec, clients, cfg
-        self.models = [TargetCNN(spec).to(device) for _ in clients]
+        self.models = init_target_cnns(spec, len(clients), device, shared=cfg.client_init == "shared")
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:

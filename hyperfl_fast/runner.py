@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .batched import build_batched
-from .config import Config, ConfigError
+from .config import HEADLINE, HEADLINE_NAMES, Config, ConfigError
 from .data import load_dataset
 from .federation import build_clients, sample_clients
 from .models import cnn_spec
@@ -28,6 +28,8 @@ from .partition import partition
 from .reference import build_reference
 
 RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir"}
+# settings older checkpoints lack, with the behaviour those runs had
+LEGACY_DEFAULTS = {"client_init": "independent"}
 
 
 @dataclass
@@ -82,7 +84,8 @@ def _save_checkpoint(path: Path, cfg: Config, engine, rounds: list[dict]) -> Non
 def _load_checkpoint(path: Path, cfg: Config, engine) -> list[dict]:
     state = torch.load(path, map_location=cfg.torch_device(), weights_only=False)
     saved = state["config"]
-    changed = [k for k in Config.field_names() if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(cfg, k)]
+    changed = [k for k in Config.field_names()
+               if k not in RESUME_MAY_CHANGE and saved.get(k, LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings ({', '.join(changed)}); "
                           "use the same flags or another --output-dir")
@@ -91,13 +94,15 @@ def _load_checkpoint(path: Path, cfg: Config, engine) -> list[dict]:
 
 
 def _write_metrics(out: Path, cfg: Config, rounds: list[dict]) -> None:
-    (out / "metrics.json").write_text(json.dumps({"config": cfg.to_dict(), "rounds": rounds}, indent=2))
+    headline = {"metric": HEADLINE[cfg.method], "name": HEADLINE_NAMES[HEADLINE[cfg.method]]}
+    (out / "metrics.json").write_text(json.dumps({"config": cfg.to_dict(), "headline": headline, "rounds": rounds},
+                                                 indent=2))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["round", "train_loss", "local_acc", "global_acc", "seconds"])
+        writer.writerow(["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"])
         for r in rounds:
             writer.writerow([r["round"], f"{r['train_loss']:.6f}", f"{r['local_acc']:.4f}",
-                             f"{r['global_acc']:.4f}", f"{r['seconds']:.3f}"])
+                             f"{r['global_acc']:.4f}", f"{r['headline_acc']:.4f}", f"{r['seconds']:.3f}"])
 
 
 def run(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
@@ -122,11 +127,13 @@ def run(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -
         results = engine.run_round(round_idx, sampled, _progress(f"round {round_idx + 1}", engine.progress_unit))
         seconds = time.perf_counter() - start
         n = len(results)
+        accs = {"local_acc": sum(r.local_acc for r in results) / n,
+                "global_acc": sum(r.global_acc for r in results) / n}
         record = {
             "round": round_idx + 1,
             "train_loss": sum(r.train_loss for r in results) / n,
-            "local_acc": sum(r.local_acc for r in results) / n,
-            "global_acc": sum(r.global_acc for r in results) / n,
+            **accs,
+            "headline_acc": accs[HEADLINE[cfg.method]],  # the figure the paper reports for this method
             "seconds": seconds,
             "clients": [vars(r) for r in results],
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULT_ROUNDS, ENGINES, METHODS, Config, ConfigError
+from .config import CLIENT_INITS, DEFAULT_ROUNDS, ENGINES, HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
 from .data import DATASETS, DatasetError
 from .runner import run
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="hyperfl gradient-norm clip")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="client embedding size")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hypernetwork hidden size")
+    p.add_argument("--client-init", default=d.client_init,
+                   help=f"one of: {', '.join(CLIENT_INITS)} (shared: every client starts from one embedding and "
+                        "classifier draw, as the authors' code; independent: one draw per client, a deviation)")
     p.add_argument("--iid", action="store_true", help="IID partition instead of the paper's non-IID one")
     p.add_argument("--iid-share", type=float, default=d.iid_share,
                    help="non-IID share s: fraction of each client's data spread over all classes")
@@ -60,6 +63,17 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
     return cfg.validate(), resume
 
 
+def summary_line(result) -> str:
+    """The closing line of a run: the paper's headline figure for the method first, then both accuracies."""
+    cfg, final = result.config, result.final
+    seconds = sum(r["seconds"] for r in result.rounds) / len(result.rounds)
+    headline = HEADLINE_NAMES[HEADLINE[cfg.method]]
+    return (f"done: {cfg.method} on {cfg.dataset}, {final['round']} rounds | "
+            f"headline ({headline}, the figure the paper reports for {cfg.method}) {final['headline_acc']:.2f}% | "
+            f"mean local accuracy {final['local_acc']:.2f}% | global-model accuracy {final['global_acc']:.2f}% | "
+            f"{seconds:.1f} s/round | metrics in {result.output_dir}/metrics.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume = parse_config(argv)
@@ -67,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    final = result.final
-    seconds = sum(r["seconds"] for r in result.rounds) / len(result.rounds)
-    print(f"done: {cfg.method} on {cfg.dataset}, {final['round']} rounds | "
-          f"final mean local accuracy {final['local_acc']:.2f}% | global-model accuracy {final['global_acc']:.2f}% | "
-          f"{seconds:.1f} s/round | metrics in {result.output_dir}/metrics.json")
+    print(summary_line(result))
     return 0
 
 

@@ -15,9 +15,9 @@ def test_smoke_run_writes_metrics(tmp_path, capsys):
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert metrics["config"]["clients"] == 3 and metrics["config"]["method"] == "hyperfl"
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0] == "round,train_loss,local_acc,global_acc,seconds" and len(csv_lines) == 3
+    assert csv_lines[0] == "round,train_loss,local_acc,global_acc,headline_acc,seconds" and len(csv_lines) == 3
     out = capsys.readouterr().out
-    assert "round    2/2" in out and "final mean local accuracy" in out
+    assert "round    2/2" in out and "headline (mean local accuracy, the figure the paper reports for hyperfl)" in out
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -57,11 +57,12 @@ def assert_same_results(history):
             assert b.global_acc == pytest.approx(r.global_acc, abs=1e-9)
 
 
-@pytest.mark.parametrize("method", ["hyperfl", "fedavg", "local"])
-def test_batched_engine_equals_reference(method, float64):
+@pytest.mark.parametrize("method,client_init", [("hyperfl", "shared"), ("hyperfl", "independent"),
+                                                ("fedavg", "shared"), ("local", "shared"), ("local", "independent")])
+def test_batched_engine_equals_reference(method, client_init, float64):
     # unequal client sizes (partial and missing batches) and partial participation
     cfg = Config(dataset="synthetic", method=method, clients=4, frac=0.75, local_epochs=2, batch_size=20,
-                 device="cpu", seed=3)
+                 device="cpu", seed=3, client_init=client_init)
     (ref, batched), history = run_both(cfg, federation(1, [60, 47, 33, 60]), rounds=3)
     assert_same_results(history)
     if method == "hyperfl":
