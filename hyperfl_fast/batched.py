@@ -79,7 +79,9 @@ def epoch_batches(data: StackedData, cids: list[int], batch_size: int, seed: int
     The per-client loop only draws each client's shuffle and augmentation once
     per epoch (on the CPU generators); every step is then a batched gather.
     """
-    num_steps = max(-(-data.clients[c].num_train // batch_size) for c in cids)
+    largest = max(data.clients[c].num_train for c in cids)
+    batch_size = min(batch_size, largest)  # never pad beyond the data (the reference's batches cannot either)
+    num_steps = -(-largest // batch_size)
     width = num_steps * batch_size
     rows = torch.zeros(len(cids), width, dtype=torch.long)
     valid = torch.zeros(len(cids), width, dtype=torch.bool)

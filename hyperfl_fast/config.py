@@ -1,6 +1,7 @@
 """Run configuration: the paper's defaults and the checks that run before any work starts."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -12,7 +13,24 @@ HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc"
 HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-model accuracy"}
 ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
+MAX_LR = 10.0  # a larger learning rate is refused as a likely typo (the paper's are 0.02 and 0.1)
 DEFAULT_ROUNDS = 20  # fits `make train` (batched engine) on a 2-core CPU; the paper trains 200 rounds
+
+
+# allowed ranges of the real-valued settings: (low, high, low included, high included)
+RANGES = {
+    "frac": (0.0, 1.0, False, True),
+    "iid_share": (0.0, 1.0, True, True),
+    "lr": (0.0, MAX_LR, False, True),
+    "classifier_lr": (0.0, MAX_LR, False, True),
+    "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, 1.0, True, False),
+    "grad_clip": (0.0, math.inf, False, False),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 class ConfigError(ValueError):
@@ -59,21 +77,20 @@ class Config:
         if self.client_init not in CLIENT_INITS:
             raise ConfigError(f"--client-init: unknown choice {self.client_init!r}; "
                               f"choose one of {', '.join(CLIENT_INITS)}")
-        if not 0.0 < self.frac <= 1.0:
-            raise ConfigError(f"--frac must be in (0, 1], got {self.frac}")
+        for name, (low, high, low_closed, high_closed) in RANGES.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not ((low <= value) if low_closed else (low < value)) \
+                    or not ((value <= high) if high_closed else (value < high)):
+                interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+                raise ConfigError(f"{_flag(name)} must be a finite number in {interval}, got {value}")
         for name in ("rounds", "clients", "local_epochs", "batch_size", "embed_dim", "hidden_dim",
                      "local_size", "test_size"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("lr", "classifier_lr", "grad_clip"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("momentum", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
-        if not 0.0 <= self.iid_share <= 1.0:
-            raise ConfigError(f"--iid-share must be in [0, 1], got {self.iid_share}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{_flag(name)} must be a positive integer, got {value}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

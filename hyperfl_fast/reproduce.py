@@ -28,9 +28,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import check_writable, write_json
 from .config import HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
 from .data import DATASETS, DatasetError, dataset_present
-from .runner import RESUME_MAY_CHANGE, run
+from .runner import RESUME_MAY_CHANGE, TrainingDiverged, run
 
 TABLE_DATASETS = ("fmnist", "emnist", "cifar10", "cinic10")
 # Table 1 of the paper (20 clients, 200 rounds): the figures this package has on record
@@ -162,7 +163,7 @@ def reproduce(base: Config, methods: list[str], datasets: list[str], seeds: list
         log(f"skipped, files not in {base.data_dir} (never downloaded): {', '.join(missing)}")
     if not present:
         raise DatasetError(f"none of the datasets {', '.join(datasets)} is present; see README.md, 'Datasets'")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(output_dir)
     curves = run_all(base, methods, present, seeds, output_dir, log)
     rows = table_rows(curves)
     settings = (f"Settings: {base.clients} clients, {base.rounds} rounds, {base.local_epochs} local epochs, "
@@ -173,7 +174,7 @@ def reproduce(base: Config, methods: list[str], datasets: list[str], seeds: list
     plots = plot_curves(curves, output_dir)
     results = {"settings": base.to_dict() | {"seeds": seeds, "methods": methods}, "missing_datasets": missing,
                "rows": rows, "runs": [dataclasses.asdict(c) for c in curves]}
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(output_dir / "results.json", results)
     log(table)
     log(f"wrote {output_dir / 'table.md'}, {output_dir / 'results.json'} and {', '.join(str(p) for p in plots)}")
     return results
@@ -217,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                       client_init=args.client_init, engine=args.engine, device=args.device,
                       data_dir=args.data_dir).validate()
         reproduce(base, methods, datasets, list(range(args.seeds)), args.output_dir)
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept in {args.output_dir}/runs and the interrupted one resumes "
+              "from its last round; run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,9 +7,8 @@ a run that never stopped.
 """
 from __future__ import annotations
 
-import csv
 import json
-import os
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 
 from . import ops
 from .batched import build_batched
+from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint, write_csv, write_json
 from .config import HEADLINE, HEADLINE_NAMES, Config, ConfigError
 from .data import load_dataset
 from .federation import build_clients, sample_clients
@@ -49,7 +49,7 @@ def output_dir_for(cfg: Config) -> Path:
     return Path(cfg.output_dir or f"runs/{cfg.dataset}-{cfg.method}")
 
 
-def prepare(cfg: Config):
+def prepare(cfg: Config, log: Callable[[str], None] = print):
     """Load the data, partition it and build the engine (errors here come before any training)."""
     device = cfg.torch_device()
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
@@ -61,63 +61,114 @@ def prepare(cfg: Config):
                            cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"{cfg.dataset}: {exc}") from None
+    if cfg.batch_size > local_size:
+        log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
+            f"each epoch is one batch of {local_size}")
     spec = cnn_spec(dataset.in_channels, dataset.num_classes)
     clients = build_clients(dataset, splits, device)
     build = build_batched if cfg.engine == "batched" else build_reference
     return build(spec, clients, cfg, device), device
 
 
+class TrainingDiverged(RuntimeError):
+    """A round produced a non-finite loss or non-finite parameters; nothing of it was saved."""
+
+
 def _progress(desc: str, unit: str) -> Callable:
+    """A progress bar over a round's work, on a terminal only (a log file would keep its leftovers)."""
     try:
         from tqdm import tqdm
     except ImportError:  # progress bars are a nicety, never a requirement
         return iter
+    if not sys.stderr.isatty():
+        return iter
     return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
-def _save_checkpoint(path: Path, cfg: Config, engine, rounds: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": rounds}, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, cfg: Config, engine) -> list[dict]:
-    state = torch.load(path, map_location=cfg.torch_device(), weights_only=False)
+def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
     saved = state["config"]
     changed = [k for k in Config.field_names()
                if k not in RESUME_MAY_CHANGE and saved.get(k, LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings ({', '.join(changed)}); "
                           "use the same flags or another --output-dir")
-    engine.load_state_dict(state["engine"])
-    return state["rounds"]
 
 
 def _write_metrics(out: Path, cfg: Config, rounds: list[dict]) -> None:
     headline = {"metric": HEADLINE[cfg.method], "name": HEADLINE_NAMES[HEADLINE[cfg.method]]}
-    (out / "metrics.json").write_text(json.dumps({"config": cfg.to_dict(), "headline": headline, "rounds": rounds},
-                                                 indent=2))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"])
-        for r in rounds:
-            writer.writerow([r["round"], f"{r['train_loss']:.6f}", f"{r['local_acc']:.4f}",
-                             f"{r['global_acc']:.4f}", f"{r['headline_acc']:.4f}", f"{r['seconds']:.3f}"])
+    write_json(out / "metrics.json", {"config": cfg.to_dict(), "headline": headline, "rounds": rounds})
+    columns = ["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"]
+    write_csv(out / "metrics.csv", columns, [[r[c] for c in columns] for r in rounds])
 
 
-def run(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
-    """Train ``cfg.rounds`` rounds, logging one line per round; returns every round's figures."""
+def _non_finite(record: dict, engine) -> str | None:
+    """What is not finite after a round (the loss, or which parameters), or None when all is well."""
+    if not math.isfinite(record["train_loss"]):
+        return f"training loss {record['train_loss']}"
+    tensors = {}
+
+    def collect(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                tensors[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                collect(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                collect(f"{prefix}[{i}]", v)
+
+    collect("", engine.state_dict())
+    finite = torch.stack([t.isfinite().all() for t in tensors.values()]).cpu()  # one sync per round
+    bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+    return f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else None
+
+
+def completed_rounds(out: Path) -> int:
+    """How many rounds the run in ``out`` has saved (0 if none)."""
+    try:
+        return len(json.loads((out / "metrics.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = print) -> RunResult:
+    """Train ``cfg.rounds`` rounds, logging one line per round; returns every round's figures.
+
+    ``resume`` continues the run in the output folder from its checkpoint;
+    ``overwrite`` replaces another run's results there (without either, such a
+    folder is refused).  Raises :class:`ConfigError` (bad settings, output
+    folder, checkpoint) before any training, and :class:`TrainingDiverged` when
+    a round's loss or parameters stop being finite (the last good round stays saved).
+    """
     cfg.validate()
     out = output_dir_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     checkpoint = out / "checkpoint.pt"
-    engine, device = prepare(cfg)
-    rounds: list[dict] = []
+    if checkpoint.with_suffix(".tmp").exists():
+        checkpoint.with_suffix(".tmp").unlink()
+        log(f"note: removed {checkpoint.with_suffix('.tmp')}, left by an interrupted checkpoint write")
+    state = None
     if resume and checkpoint.exists():
-        rounds = _load_checkpoint(checkpoint, cfg, engine)
+        state, verified = load_checkpoint(checkpoint, cfg.torch_device())
+        _check_resumable(checkpoint, state, cfg)
+        if not verified:
+            log(f"note: {checkpoint} predates checkpoint digests; its integrity cannot be verified")
+    elif resume:
+        log(f"note: --resume: no checkpoint in {out}; starting from round 1")
+    elif not overwrite and (checkpoint.exists() or (out / "metrics.json").exists()):
+        raise ConfigError(f"--output-dir {out} holds another run's results; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --output-dir")
+    engine, device = prepare(cfg, log)
+    rounds: list[dict] = []
+    if state is not None:
+        try:
+            engine.load_state_dict(state["engine"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{checkpoint} does not fit this run's model ({str(exc).splitlines()[0][:120]}); "
+                                  "delete it to start afresh, or pass another --output-dir") from None
+        rounds = state["rounds"]
         log(f"resumed from {checkpoint} after round {len(rounds)}")
-    elif checkpoint.exists():
-        log(f"note: starting afresh over the run in {out} (pass --resume to continue it)")
     log(f"{cfg.method} on {cfg.dataset}: {cfg.clients} clients, frac {cfg.frac}, {cfg.rounds} rounds, "
         f"engine {cfg.engine}, ops path {ops.resolve_path(None, device)}, device {device}")
 
@@ -137,8 +188,16 @@ def run(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -
             "seconds": seconds,
             "clients": [vars(r) for r in results],
         }
+        problem = _non_finite(record, engine)
+        if problem:
+            kept = f"{out} keeps rounds 1-{round_idx}" if round_idx else "no round was saved"
+            advice = f"a smaller --lr (now {cfg.lr})" + (
+                f", --classifier-lr (now {cfg.classifier_lr}) or --grad-clip (now {cfg.grad_clip})"
+                if cfg.method == "hyperfl" else "")
+            raise TrainingDiverged(f"round {round_idx + 1}: training diverged (non-finite {problem}); {kept}. "
+                                   f"Try {advice}")
         rounds.append(record)
-        _save_checkpoint(checkpoint, cfg, engine, rounds)
+        save_checkpoint(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": rounds})
         _write_metrics(out, cfg, rounds)
         log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
             f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | {seconds:6.1f} s")

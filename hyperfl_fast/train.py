@@ -7,11 +7,12 @@ and a per-round checkpoint to the output directory, and prints a summary.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .config import CLIENT_INITS, DEFAULT_ROUNDS, ENGINES, HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
 from .data import DATASETS, DatasetError
-from .runner import run
+from .runner import TrainingDiverged, completed_rounds, output_dir_for, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,26 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iid", action="store_true", help="IID partition instead of the paper's non-IID one")
     p.add_argument("--iid-share", type=float, default=d.iid_share,
                    help="non-IID share s: fraction of each client's data spread over all classes")
-    p.add_argument("--local-size", type=int, default=None,
+    p.add_argument("--local-size", type=int, default=argparse.SUPPRESS,
                    help="training samples per client (default: 600; 1000 for emnist)")
-    p.add_argument("--test-size", type=int, default=None,
+    p.add_argument("--test-size", type=int, default=argparse.SUPPRESS,
                    help="test samples per client (default: 600; 300 for cifar10/cinic10)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--data-dir", default=d.data_dir, help="where emnist/cifar10/cinic10 files are")
-    p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<method>")
+    p.add_argument("--data-dir", default=d.data_dir,
+                   help="dataset folder: fashion-mnist/ (else /usr/share/datasets/fashion-mnist), EMNIST/raw/, "
+                        "cifar-10-batches-py/, CINIC-10/")
+    p.add_argument("--output-dir", default=argparse.SUPPRESS, help="(default: runs/<dataset>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run in --output-dir (without it, such a folder is refused)")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
-    """Parse flags into a validated :class:`Config` (raises :class:`ConfigError`) and the resume flag."""
+    """Parse flags into a validated :class:`Config` (raises :class:`ConfigError`) and the resume/overwrite flags."""
     args = vars(build_parser().parse_args(argv))
-    resume = args.pop("resume")
+    flags = {"resume": args.pop("resume"), "overwrite": args.pop("overwrite")}
     cfg = Config(**args)
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    return cfg.validate(), resume
+    return cfg.validate(), flags
 
 
 def summary_line(result) -> str:
@@ -74,13 +79,34 @@ def summary_line(result) -> str:
             f"{seconds:.1f} s/round | metrics in {result.output_dir}/metrics.json")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run."""
+    return shlex.join(["python", "-m", "hyperfl_fast.train", *[a for a in argv if a != "--overwrite"],
+                       *([] if "--resume" in argv else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
-        cfg, resume = parse_config(argv)
-        result = run(cfg, resume=resume)
+        cfg, flags = parse_config(argv)
+        result = run(cfg, **flags)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        if cfg is None:
+            print("\ninterrupted before training started", file=sys.stderr)
+        else:
+            done = completed_rounds(output_dir_for(cfg))
+            print(f"\ninterrupted in round {done + 1}: rounds 1-{done} are saved in {output_dir_for(cfg)}; "
+                  f"continue with: {resume_command(argv)}" if done else
+                  f"\ninterrupted in round 1, before any round was saved; start again with: "
+                  f"{shlex.join(['python', '-m', 'hyperfl_fast.train', *argv])}", file=sys.stderr)
+        return 130
     print(summary_line(result))
     return 0
 

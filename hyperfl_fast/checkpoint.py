@@ -1,0 +1,118 @@
+"""Run files: checkpoints with an integrity check, strict-JSON metrics, and the output folder's checks.
+
+A checkpoint holds the run's config, the engine's state and every finished
+round's figures, plus a SHA-256 digest of all of it.  It is written to
+``checkpoint.tmp`` and renamed over ``checkpoint.pt``, so a kill during the
+write leaves the previous checkpoint whole; loading verifies the digest, so a
+damaged file is refused with one line naming it instead of resuming into
+garbage.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def _feed(digest, obj) -> None:
+    """Feed ``obj`` (nested dicts, lists, tensors, numbers, strings) into ``digest`` in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {t.dtype} {tuple(obj.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"dict {len(obj)}".encode())
+        for key in sorted(obj, key=str):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"list {len(obj)}".encode())
+        for item in obj:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(obj).__name__} {obj!r}".encode())
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 of a checkpoint's contents (everything but the digest itself)."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != "sha256"})
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` with its digest, atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({**state, "sha256": state_digest(state)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, bool]:
+    """Read and verify a checkpoint: (state, verified); verified is False for files from before digests."""
+    advice = "delete it to start afresh, or pass another --output-dir"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, empty, text, garbage: torch raises many types
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); {advice}") from None
+    if not isinstance(state, dict) or not {"config", "engine", "rounds"} <= state.keys():
+        raise CheckpointError(f"{path} is not a hyperfl_fast checkpoint (its contents are not a run's state); {advice}")
+    if "sha256" not in state:
+        return state, False
+    if state_digest(state) != state["sha256"]:
+        raise CheckpointError(f"{path} failed its integrity check (checksum mismatch: the file is corrupted); "
+                              f"{advice}")
+    return state, True
+
+
+def _finite_or_none(obj):
+    """``obj`` with every non-finite float replaced by None, so JSON stays strict."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN or Infinity: those become null), written atomically."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """A CSV file, written atomically."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def check_writable(folder: Path, flag: str = "--output-dir") -> None:
+    """Create ``folder`` if needed and prove it takes files; else a :class:`ConfigError` naming ``flag``."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {folder}: exists and is not a folder; choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({exc.strerror or exc}); "
+                          f"choose another {flag}") from None
