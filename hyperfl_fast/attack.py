@@ -10,16 +10,17 @@ Models are taken at initialisation, or from a ``hyperfl_fast.train`` checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import check_writable, load_checkpoint, write_json
 from .config import Config
 from .data import DATASETS, DatasetError, load_dataset
 from .models import HyperNetwork, TargetCNN, cnn_spec, init_hyperfl
+from .progress import progress_bar
 from .privacy.attacks import AttackBudget, LocalTraining, reconstruct
 from .privacy.lpips import LPIPS
 from .privacy.metrics import match_to_ground_truth, psnr, ssim
@@ -33,56 +34,93 @@ VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (tru
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hyperfl_fast.attack", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", nargs="+", default=["fedavg", "hyperfl"], choices=["fedavg", "hyperfl"])
+    p.add_argument("--method", nargs="+", default=["fedavg", "hyperfl"], choices=["fedavg", "hyperfl"],
+                   help="whose upload to attack")
     p.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="HyperFL attack variants")
     p.add_argument("--setting", nargs="+", default=["step"], choices=["step", "round"],
                    help="step: the upload is one gradient; round: the change after --local-steps SGD steps")
     p.add_argument("--local-steps", type=int, default=5, help="local SGD steps in the 'round' setting")
-    p.add_argument("--dataset", default="fmnist", choices=list(DATASETS))
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--dataset", default="fmnist", choices=list(DATASETS), help="where the private images come from")
+    p.add_argument("--data-dir", default="data", help="dataset folder (as for hyperfl_fast.train)")
     p.add_argument("--batch-size", type=int, default=1, help="images in the attacked batch (1 to 8)")
-    p.add_argument("--attack", default="ig", choices=["ig", "dlg"])
+    p.add_argument("--attack", default="ig", choices=["ig", "dlg"], help="IG (cosine + TV, Adam) or DLG (L2, L-BFGS)")
     p.add_argument("--iterations", type=int, default=1000, help="optimisation steps per restart")
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--restarts", type=int, default=1, help="random restarts; the best match is kept")
     p.add_argument("--tv", type=float, default=1e-3, help="total-variation weight (IG)")
     p.add_argument("--checkpoint", default=None, help="attack the models in a hyperfl_fast.train checkpoint.pt")
     p.add_argument("--client", type=int, default=0, help="which client's private parts a checkpoint provides")
     p.add_argument("--lpips-alexnet", default=None, help="local torchvision AlexNet weights (state dict) for LPIPS")
     p.add_argument("--lpips-linear", default=None, help="local LPIPS linear-layer weights for AlexNet (alex.pth)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="runs/attack")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the attack runs (auto: the GPU when there is one)")
+    p.add_argument("--seed", type=int, default=0, help="picks the images and the attack's random starts")
+    p.add_argument("--output-dir", default="runs/attack", help="where results.json, table.md and grid.png go")
     return p
 
 
+def attack_device(name: str) -> torch.device:
+    """The device for ``--device`` (auto: CUDA when available)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_checkpoint(args) -> dict:
+    """The training checkpoint named by ``--checkpoint``, verified, and checked against --method and --client."""
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {path}: no such file (pass a checkpoint.pt written by hyperfl_fast.train)")
+    state, _ = load_checkpoint(path, torch.device("cpu"), advice="pass a checkpoint.pt written by hyperfl_fast.train")
+    saved = state["config"]
+    wrong = [m for m in args.method if m != saved["method"]]
+    if wrong:
+        raise ValueError(f"--checkpoint {path} holds a {saved['method']} run; it cannot serve "
+                         f"--method {' '.join(wrong)}")
+    if saved["method"] == "hyperfl" and not 0 <= args.client < saved["clients"]:
+        raise ValueError(f"--client {args.client}: {path} holds clients 0 to {saved['clients'] - 1}")
+    return state
+
+
 def load_models(args, spec, device):
-    """(fedavg TargetCNN, (hypernet, embedding, classifier)): from a checkpoint or freshly initialised."""
-    cfg = Config(dataset=args.dataset, clients=max(args.client + 1, 1), seed=args.seed)
+    """(fedavg TargetCNN, (hypernet, embedding, classifier)) on ``device``: from a checkpoint or freshly made."""
+    if args.client < 0:
+        raise ValueError(f"--client must be non-negative, got {args.client}")
+    cfg = Config(dataset=args.dataset, clients=args.client + 1, seed=args.seed)
     torch.manual_seed(args.seed)
     fedavg_model = TargetCNN(spec)
-    hypernet, embeddings, classifiers = init_hyperfl(spec, cfg.clients, cfg.embed_dim, cfg.hidden_dim, device)
+    hypernet, embeddings, classifiers = init_hyperfl(spec, cfg.clients, cfg.embed_dim, cfg.hidden_dim,
+                                                     torch.device("cpu"))
     embedding, classifier = embeddings[args.client].detach(), classifiers[args.client]
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        saved_method, engine = state["config"]["method"], state["engine"]
-        wrong = [m for m in args.method if m != saved_method]
-        if wrong:
-            raise ValueError(f"--checkpoint {args.checkpoint} holds a {saved_method} run; it cannot serve "
-                             f"--method {' '.join(wrong)}")
-        if saved_method == "fedavg":
-            model_state = engine.get("model") or {k: t[0] for k, t in engine["params"].items()}
-            fedavg_model.load_state_dict(model_state)
-        else:
-            hypernet = HyperNetwork(*engine["hypernet"]["fc.weight"].shape[::-1],
-                                    engine["hypernet"]["heads.weight"].shape[0])
-            hypernet.load_state_dict(engine["hypernet"])
-            embedding = engine["client_embeddings"][args.client]
-            classifier = nn.Linear(spec.hidden, spec.num_classes)
-            if "classifiers" in engine:
-                classifier.load_state_dict(engine["classifiers"][args.client])
+        state = read_checkpoint(args)
+        try:
+            if state["config"]["method"] == "fedavg":
+                engine = state["engine"]
+                fedavg_model.load_state_dict(engine.get("model") or {k: t[0] for k, t in engine["params"].items()})
             else:
-                classifier.load_state_dict({"weight": engine["classifier_weight"][args.client],
-                                            "bias": engine["classifier_bias"][args.client]})
-    return fedavg_model, (hypernet, embedding, classifier)
+                hypernet, embedding, classifier = _hyperfl_parts(state["engine"], args.client, spec)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"--checkpoint {args.checkpoint} holds a {state['config']['dataset']} model, which "
+                             f"does not fit --dataset {args.dataset} ({str(exc).splitlines()[0][:100]})") from None
+    return fedavg_model.to(device), (hypernet.to(device), embedding.to(device), classifier.to(device))
+
+
+def _hyperfl_parts(engine: dict, client: int, spec):
+    """The global hypernetwork and one client's embedding and classifier from a HyperFL engine state."""
+    hypernet = HyperNetwork(*engine["hypernet"]["fc.weight"].shape[::-1], engine["hypernet"]["heads.weight"].shape[0])
+    hypernet.load_state_dict(engine["hypernet"])
+    if hypernet.heads.out_features != spec.num_feature_params:
+        raise ValueError(f"it generates {hypernet.heads.out_features} weights, the model needs "
+                         f"{spec.num_feature_params}")
+    classifier = nn.Linear(spec.hidden, spec.num_classes)
+    if "classifiers" in engine:
+        classifier.load_state_dict(engine["classifiers"][client])
+    else:
+        classifier.load_state_dict({"weight": engine["classifier_weight"][client],
+                                    "bias": engine["classifier_bias"][client]})
+    return hypernet, engine["client_embeddings"][client], classifier
 
 
 def run_attacks(args, log=print) -> dict:
@@ -94,6 +132,8 @@ def run_attacks(args, log=print) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if (args.lpips_alexnet is None) != (args.lpips_linear is None):
         raise ValueError("LPIPS needs both --lpips-alexnet and --lpips-linear (or neither)")
+    device = attack_device(args.device)
+    check_writable(Path(args.output_dir))
     lpips = LPIPS(args.lpips_alexnet, args.lpips_linear) if args.lpips_alexnet else None
     dataset = load_dataset(args.dataset, args.data_dir)
     spec = cnn_spec(dataset.in_channels, dataset.num_classes)
@@ -103,10 +143,11 @@ def run_attacks(args, log=print) -> dict:
     mean, std = torch.tensor(dataset.mean).view(-1, 1, 1), torch.tensor(dataset.std).view(-1, 1, 1)
     bounds = ((0 - mean) / std, (1 - mean) / std)
     truth = (x * std + mean).clamp(0, 1)
-    fedavg_model, (hypernet, embedding, classifier) = load_models(args, spec, torch.device("cpu"))
+    fedavg_model, (hypernet, embedding, classifier) = load_models(args, spec, device)
+    x, y = x.to(device), y.to(device)  # the private batch lives where the client trains
     budget = AttackBudget(args.iterations, args.restarts, tv_weight=args.tv, seed=args.seed)
 
-    rows, images = [], [truth]
+    rows, images = [], []
     for setting in args.setting:
         steps = 1 if setting == "step" else args.local_steps
         scenarios = []
@@ -120,8 +161,8 @@ def run_attacks(args, log=print) -> dict:
             log(f"attacking {scenario.name} ({setting}, {args.attack}, {args.iterations} iterations)")
             rec = reconstruct(scenario.simulate, scenario.observed, tuple(x.shape), spec.num_classes, bounds,
                               scenario.labels, scenario.unknowns, args.attack, budget,
-                              progress=_progress(scenario.name))
-            recon = match_to_ground_truth((rec.images * std + mean).clamp(0, 1), truth)
+                              progress=progress_bar(scenario.name))
+            recon = match_to_ground_truth((rec.images.cpu() * std + mean).clamp(0, 1), truth)
             p, s = psnr(recon, truth), ssim(recon, truth)
             variant = scenario.name.split("-")[1] if "-" in scenario.name else ""
             rows.append({"method": scenario.name.split("-")[0], "variant": variant,
@@ -133,16 +174,8 @@ def run_attacks(args, log=print) -> dict:
             images.append(recon)
             log(f"  PSNR {p.mean().item():.2f} dB | SSIM {s.mean().item():.3f} | {rec.seconds:.0f} s")
     results = {"config": vars(args), "ground_truth_labels": y.tolist(), "rows": rows}
-    write_outputs(Path(args.output_dir), results, images, args.batch_size)
+    write_outputs(Path(args.output_dir), results, truth, images)
     return results
-
-
-def _progress(desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iter
-    return lambda items: tqdm(items, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -156,14 +189,52 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, results: dict, images: list[torch.Tensor], batch_size: int) -> None:
-    """results.json, table.md and grid.png (row 0: ground truth; then one row per attack)."""
-    from torchvision.utils import save_image
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+def write_outputs(out: Path, results: dict, truth: torch.Tensor, reconstructions: list[torch.Tensor]) -> None:
+    """results.json, table.md and grid.png (ground truth, then one labelled row per attack)."""
+    write_json(out / "results.json", results)
     (out / "table.md").write_text(markdown_table(results["rows"]))
-    save_image(torch.cat(images), out / "grid.png", nrow=batch_size, padding=2)
+    plot_grid(out / "grid.png", truth, reconstructions, results["rows"], results["ground_truth_labels"])
+
+
+def plot_grid(path: Path, truth: torch.Tensor, reconstructions: list[torch.Tensor], rows: list[dict],
+              labels: list[int]) -> None:
+    """Save :func:`grid_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = grid_figure(truth, reconstructions, rows, labels)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def grid_figure(truth: torch.Tensor, reconstructions: list[torch.Tensor], rows: list[dict], labels: list[int]):
+    """A figure a person can read: each row names its attack, each reconstruction shows its PSNR and SSIM.
+
+    truth and each reconstruction are (B, C, H, W) in [0, 1]; ``rows`` are the results' rows, in order.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = truth.shape[0]
+    fig, axes = plt.subplots(1 + len(rows), batch, figsize=(1.9 * batch + 1.6, 2.0 * (1 + len(rows))),
+                             squeeze=False)
+    captions = [[f"label {label}" for label in labels]]
+    captions += [[f"PSNR {p:.1f} dB\nSSIM {s:.3f}" for p, s in zip(r["psnr_per_image"], r["ssim_per_image"])]
+                 for r in rows]
+    names = ["ground truth"] + [f"{r['method']}\n{r['variant_name']}\n{r['setting']}" for r in rows]
+    for row, (images, name) in enumerate(zip([truth, *reconstructions], names)):
+        for col in range(batch):
+            ax = axes[row][col]
+            image = images[col].permute(1, 2, 0).squeeze(-1).numpy()  # (H, W) or (H, W, 3)
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(captions[row][col], fontsize=8)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

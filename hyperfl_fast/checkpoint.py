@@ -58,9 +58,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, bool]:
-    """Read and verify a checkpoint: (state, verified); verified is False for files from before digests."""
-    advice = "delete it to start afresh, or pass another --output-dir"
+def load_checkpoint(path: Path, device: torch.device,
+                    advice: str = "delete it to start afresh, or pass another --output-dir") -> tuple[dict, bool]:
+    """Read and verify a checkpoint: (state, verified); verified is False for files from before digests.
+
+    Every problem is a :class:`CheckpointError` naming the file and ending in ``advice``.
+    """
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated, empty, text, garbage: torch raises many types

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = Config(rounds=200)
     p = argparse.ArgumentParser(prog="python -m hyperfl_fast.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
     p.add_argument("--datasets", default=",".join(TABLE_DATASETS),
                    help="comma-separated; missing ones are skipped (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per run (default: %(default)s)")

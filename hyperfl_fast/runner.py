@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from .data import load_dataset
 from .federation import build_clients, sample_clients
 from .models import cnn_spec
 from .partition import partition
+from .progress import progress_bar
 from .reference import build_reference
 
 RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir"}
@@ -72,17 +72,6 @@ def prepare(cfg: Config, log: Callable[[str], None] = print):
 
 class TrainingDiverged(RuntimeError):
     """A round produced a non-finite loss or non-finite parameters; nothing of it was saved."""
-
-
-def _progress(desc: str, unit: str) -> Callable:
-    """A progress bar over a round's work, on a terminal only (a log file would keep its leftovers)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are a nicety, never a requirement
-        return iter
-    if not sys.stderr.isatty():
-        return iter
-    return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
@@ -175,7 +164,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients, cfg.frac, cfg.seed, round_idx)
-        results = engine.run_round(round_idx, sampled, _progress(f"round {round_idx + 1}", engine.progress_unit))
+        results = engine.run_round(round_idx, sampled, progress_bar(f"round {round_idx + 1}", engine.progress_unit))
         seconds = time.perf_counter() - start
         n = len(results)
         accs = {"local_acc": sum(r.local_acc for r in results) / n,

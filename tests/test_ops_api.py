@@ -75,3 +75,65 @@ def test_fused_head_step_validation():
         ops.fused_head_sgd_step(**{**args, "hidden": torch.randn(n, h + 1)})
     with pytest.raises(ValueError, match="weight_buf is updated in place and must be contiguous"):
         ops.fused_head_sgd_step(**{**args, "weight_buf": torch.zeros(n, h, p).transpose(1, 2)})
+
+
+@pytest.mark.parametrize("fc_shared,heads_shared", [(True, False), (False, True)])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_generate_weights_mixes_shared_and_per_client_layers(fc_shared, heads_shared, path):
+    """One layer shared, the other per client: every path equals the reference, forward and backward."""
+    torch.manual_seed(7)
+    n, e, h, p = 3, 5, 7, 37  # awkward sizes
+    device = DEVICE if path == "triton" else torch.device("cpu")
+    tensors = [torch.randn(n, e), torch.randn(*(() if fc_shared else (n,)), h, e),
+               torch.randn(*(() if fc_shared else (n,)), h), torch.randn(*(() if heads_shared else (n,)), p, h),
+               torch.randn(*(() if heads_shared else (n,)), p)]
+    ref_in = [t.clone().requires_grad_() for t in tensors]
+    fast_in = [t.clone().to(device).requires_grad_() for t in tensors]
+    ref = ops.generate_weights(*ref_in, path="reference")
+    fast = ops.generate_weights(*fast_in, path=path)
+    torch.testing.assert_close(fast.cpu(), ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(ref)
+    ref.backward(upstream)
+    fast.backward(upstream.to(device))
+    for a, b in zip(fast_in, ref_in):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: ops.generate_weights(*[gen_args()[0].double()] + gen_args()[1:]),
+     "generate_weights: fc_weight is torch.float32, embeddings torch.float64; pass one dtype"),
+    (lambda: ops.generate_weights(gen_args()[0].numpy(), *gen_args()[1:]),
+     "generate_weights: embeddings must be a torch.Tensor, got ndarray"),
+    (lambda: ops.generate_weights(torch.randn(0, 4), *gen_args()[1:]),
+     "generate_weights: embeddings must be (N, E) with N >= 1"),
+    (lambda: ops.batched_conv2d_leaky_pool(torch.randn(2, 3, 4, 10, 10), torch.randn(2, 5, 4, 3, 3),
+                                           torch.randn(2, 5), padding=True),
+     "batched_conv2d_leaky_pool: padding must be a non-negative int, got True"),
+    (lambda: ops.batched_conv2d_leaky_pool(torch.randn(2, 0, 4, 10, 10), torch.randn(2, 5, 4, 3, 3),
+                                           torch.randn(2, 5)),
+     "batched_conv2d_leaky_pool: x has no samples"),
+    (lambda: ops.batched_linear(torch.randn(2, 0, 4), torch.randn(2, 5, 4), torch.randn(2, 5)),
+     "batched_linear: x has no samples"),
+    (lambda: ops.batched_linear(torch.randn(2, 3, 4).numpy(), torch.randn(2, 5, 4), torch.randn(2, 5)),
+     "batched_linear: x must be a torch.Tensor"),
+    (lambda: ops.head_grad_sq_norm(torch.randn(2, 6), torch.randn(3, 4)),
+     "head_grad_sq_norm: d_theta must be (N, P) and hidden (N, H) with the same N"),
+    (lambda: ops.head_grad_sq_norm([1.0, 2.0], torch.randn(2, 4)),
+     "head_grad_sq_norm: d_theta must be a torch.Tensor, got list"),
+    (lambda: ops.head_grad_sq_norm(torch.randn(2, 6), torch.randn(2, 4).double()),
+     "head_grad_sq_norm: hidden is torch.float64, d_theta torch.float32"),
+])
+def test_bad_arguments_are_value_errors_naming_the_argument(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("name,value", [("lr", "0.1"), ("momentum", float("nan")), ("weight_decay", None)])
+def test_fused_head_step_rejects_bad_scalars(name, value):
+    n, p, h = 2, 6, 4
+    args = dict(head_weight=torch.randn(n, p, h), head_bias=torch.randn(n, p), weight_buf=torch.zeros(n, p, h),
+                bias_buf=torch.zeros(n, p), d_theta=torch.randn(n, p), hidden=torch.randn(n, h),
+                clip_coef=torch.ones(n), lr=0.1, momentum=0.5, weight_decay=0.0)
+    with pytest.raises(ValueError, match=f"fused_head_sgd_step: {name} must be a finite number"):
+        ops.fused_head_sgd_step(**{**args, name: value})

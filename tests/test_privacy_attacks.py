@@ -109,9 +109,8 @@ def test_cli_writes_json_table_and_grid(tmp_path, capsys):
     assert [(r["method"], r["variant"]) for r in results["rows"]] == [("fedavg", ""), ("hyperfl", "c")]
     table = (out / "table.md").read_text()
     assert "| fedavg |" in table and "not computed" in table  # without weight files LPIPS is never made up
-    with Image.open(out / "grid.png") as grid:
-        # 3 rows (ground truth, 2 attacks) x 2 images of 28x28, padding 2
-        assert grid.size == (2 * (28 + 2) + 2, 3 * (28 + 2) + 2)
+    with Image.open(out / "grid.png") as grid:  # a labelled figure: 3 rows (ground truth, 2 attacks) x 2 images
+        assert grid.size[0] > 2 * 28 * 3 and grid.size[1] > 3 * 28 * 3
     assert main(["--dataset", "synthetic", "--batch-size", "9", "--output-dir", str(out)]) == 2
     assert "--batch-size must be between 1 and 8" in capsys.readouterr().err
 

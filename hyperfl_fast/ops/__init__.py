@@ -23,6 +23,7 @@ the argument.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -47,18 +48,34 @@ def resolve_path(path: str | None, device: torch.device) -> str:
     return chosen
 
 
-def _check(op: str, named: dict[str, torch.Tensor], path: str) -> None:
-    """Same device, floating dtype (float32 for triton) for every tensor argument."""
-    device = next(iter(named.values())).device
+def _check(op: str, named: dict[str, torch.Tensor], path: str | None) -> str:
+    """Tensors on one device with one floating dtype (float32 for triton); returns the resolved path."""
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if t.device != device:
-            raise ValueError(f"{op}: {name} is on {t.device}, other arguments on {device}")
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, {first_name} on {first.device}")
         if not t.is_floating_point():
             raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
-        if path == "triton" and t.dtype != torch.float32:
-            raise ValueError(f"{op}: the triton path takes float32, {name} is {t.dtype}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype}, {first_name} {first.dtype}; pass one dtype")
+    path = resolve_path(path, first.device)
+    if path == "triton" and first.dtype != torch.float32:
+        raise ValueError(f"{op}: the triton path takes float32, {first_name} is {first.dtype}")
+    return path
+
+
+def _check_scalars(op: str, **named) -> None:
+    for name, value in named.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+
+
+def _check_batch(op: str, x: torch.Tensor) -> None:
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{op}: x has no {'clients' if x.shape[0] == 0 else 'samples'} (shape {tuple(x.shape)})")
 
 
 def _expect(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -75,11 +92,10 @@ def generate_weights(embeddings: torch.Tensor, fc_weight: torch.Tensor, fc_bias:
     with a leading N.  (The two layers may independently be shared or per-client.)
     """
     op = "generate_weights"
-    path = resolve_path(path, embeddings.device)
-    _check(op, dict(embeddings=embeddings, fc_weight=fc_weight, fc_bias=fc_bias, head_weight=head_weight,
-                    head_bias=head_bias), path)
-    if embeddings.dim() != 2:
-        raise ValueError(f"{op}: embeddings must be (N, E), got shape {tuple(embeddings.shape)}")
+    path = _check(op, dict(embeddings=embeddings, fc_weight=fc_weight, fc_bias=fc_bias, head_weight=head_weight,
+                           head_bias=head_bias), path)
+    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"{op}: embeddings must be (N, E) with N >= 1, got shape {tuple(embeddings.shape)}")
     n, e = embeddings.shape
     for name, w in (("fc_weight", fc_weight), ("head_weight", head_weight)):
         if w.dim() == 3 and w.shape[0] != n:
@@ -110,6 +126,11 @@ def head_grad_sq_norm(d_theta: torch.Tensor, hidden: torch.Tensor) -> torch.Tens
     db_n = dtheta_n, so ``‖dW_n‖² + ‖db_n‖² = ‖dtheta_n‖² (‖h_n‖² + 1)``.
     d_theta (N, P), hidden (N, H) -> (N,).
     """
+    op = "head_grad_sq_norm"
+    _check(op, dict(d_theta=d_theta, hidden=hidden), "torch")
+    if d_theta.dim() != 2 or hidden.dim() != 2 or d_theta.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{op}: d_theta must be (N, P) and hidden (N, H) with the same N, got "
+                         f"{tuple(d_theta.shape)} and {tuple(hidden.shape)}")
     return d_theta.pow(2).sum(1) * (hidden.pow(2).sum(1) + 1.0)
 
 
@@ -126,10 +147,10 @@ def fused_head_sgd_step(head_weight: torch.Tensor, head_bias: torch.Tensor, weig
     buffer once each.
     """
     op = "fused_head_sgd_step"
-    path = resolve_path(path, head_weight.device)
     named = dict(head_weight=head_weight, head_bias=head_bias, weight_buf=weight_buf, bias_buf=bias_buf,
                  d_theta=d_theta, hidden=hidden, clip_coef=clip_coef)
-    _check(op, named, path)
+    path = _check(op, named, path)
+    _check_scalars(op, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if head_weight.dim() != 3:
         raise ValueError(f"{op}: head_weight must be (N, P, H), got shape {tuple(head_weight.shape)}")
     n, p, h = head_weight.shape
@@ -161,15 +182,15 @@ def batched_conv2d_leaky_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch
     with Hp = (H + 2 padding - k + 1) // 2.
     """
     op = "batched_conv2d_leaky_pool"
-    path = resolve_path(path, x.device)
-    _check(op, dict(x=x, weight=weight, bias=bias), path)
+    path = _check(op, dict(x=x, weight=weight, bias=bias), path)
     if x.dim() != 5:
         raise ValueError(f"{op}: x must be (N, B, C, H, W), got shape {tuple(x.shape)}")
+    _check_batch(op, x)
     n, _, c, h, w = x.shape
     if weight.dim() != 5 or weight.shape[0] != n or weight.shape[2] != c or weight.shape[3] != weight.shape[4]:
         raise ValueError(f"{op}: weight must be ({n}, Cout, {c}, k, k), got {tuple(weight.shape)}")
     _expect(op, "bias", bias, (n, weight.shape[1]))
-    if not isinstance(padding, int) or padding < 0:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"{op}: padding must be a non-negative int, got {padding!r}")
     k = weight.shape[-1]
     if min(h, w) + 2 * padding - k + 1 < 2:
@@ -187,10 +208,10 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, le
                    path: str | None = None) -> torch.Tensor:
     """Per-client linear: x (N, B, K), weight (N, M, K), bias (N, M) -> (N, B, M), optional leaky ReLU."""
     op = "batched_linear"
-    path = resolve_path(path, x.device)
-    _check(op, dict(x=x, weight=weight, bias=bias), path)
+    path = _check(op, dict(x=x, weight=weight, bias=bias), path)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (N, B, K), got shape {tuple(x.shape)}")
+    _check_batch(op, x)
     n, _, k = x.shape
     if weight.dim() != 3 or weight.shape[0] != n or weight.shape[2] != k:
         raise ValueError(f"{op}: weight must be ({n}, M, {k}), got {tuple(weight.shape)}")

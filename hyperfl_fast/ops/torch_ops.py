@@ -12,12 +12,14 @@ from ..models import LEAKY_SLOPE
 
 
 def generate_weights(embeddings, fc_weight, fc_bias, head_weight, head_bias):
-    """(N, E) -> (N, P); shared weights are one GEMM, per-client weights a batched GEMV."""
-    if head_weight.dim() == 2:  # shared hypernetwork
+    """(N, E) -> (N, P); a shared layer is one GEMM, a per-client layer a batched GEMV (each layer on its own)."""
+    if fc_weight.dim() == 2:
         h = F.relu(F.linear(embeddings, fc_weight, fc_bias))  # (N, H)
+    else:
+        h = F.relu(torch.baddbmm(fc_bias.unsqueeze(-1), fc_weight, embeddings.unsqueeze(-1)).squeeze(-1))
+    if head_weight.dim() == 2:
         return F.linear(h, head_weight, head_bias)
-    h = F.relu(torch.baddbmm(fc_bias.unsqueeze(-1), fc_weight, embeddings.unsqueeze(-1)))  # (N, H, 1)
-    return torch.baddbmm(head_bias.unsqueeze(-1), head_weight, h).squeeze(-1)  # (N, P)
+    return torch.baddbmm(head_bias.unsqueeze(-1), head_weight, h.unsqueeze(-1)).squeeze(-1)  # (N, P)
 
 
 # On the CPU one grouped convolution's output is kept under this size by splitting the clients into chunks:

@@ -124,20 +124,23 @@ def reconstruct(simulate: Callable[[torch.Tensor, torch.Tensor, Params], list[to
     simulate(images, label_distributions, extras) -> upload tensors (same order
     as ``observed``).  ``labels`` (B,) if known/inferred, else optimised.
     ``bounds`` (low, high): per-channel tensors (C, 1, 1) of the valid input range.
+    Runs on the device of ``observed``; every random start is drawn on the CPU
+    from the budget's seed, so CPU and GPU attacks start from the same point.
     """
     budget = budget or AttackBudget()
     unknowns = unknowns or Unknowns()
     if method not in ("ig", "dlg"):
         raise ValueError(f"attack method must be 'ig' or 'dlg', got {method!r}")
     gen = torch.Generator().manual_seed(budget.seed)
-    low, high = bounds
+    device = observed[0].device
+    low, high = (b.to(device) for b in bounds)
     best = None
     start = time.perf_counter()
     for _ in range(budget.restarts):
-        x = torch.randn(shape, generator=gen).clamp(low, high).requires_grad_()
-        extras = {k: fn(gen).requires_grad_() for k, fn in unknowns.init.items()}
+        x = torch.randn(shape, generator=gen).to(device).clamp(low, high).requires_grad_()
+        extras = {k: fn(gen).to(device).requires_grad_() for k, fn in unknowns.init.items()}
         label_logits = None if labels is not None else torch.randn(shape[0], num_classes,
-                                                                     generator=gen).requires_grad_()
+                                                                     generator=gen).to(device).requires_grad_()
         variables = [x, *extras.values()] + ([label_logits] if label_logits is not None else [])
 
         def label_dist():
