@@ -31,8 +31,9 @@ data:
 	  fi; \
 	fi
 
+# --resume: a second `make train` continues (or reads back) the run in runs/ instead of refusing its folder
 train: setup
-	$(PY) -m hyperfl_fast.train $(ARGS)
+	$(PY) -m hyperfl_fast.train --resume $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

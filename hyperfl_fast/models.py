@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default negative slope
+from . import ops
+from .ops.activation import LEAKY_SLOPE
+
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,6 @@ def extract_features_batched(x: torch.Tensor, params: dict[str, torch.Tensor], s
     ``params`` holds per-client tensors (N, *shape), e.g. ``split_theta(theta)``
     of a (N, P) theta; ``path`` picks the ops' path (see :mod:`hyperfl_fast.ops`).
     """
-    from . import ops
-
     for i, conv in enumerate(spec.convs, start=1):
         x = ops.batched_conv2d_leaky_pool(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], conv.padding,
                                           path=path)

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..models import LEAKY_SLOPE
 
 BLOCK_PIX = 32
 BLOCK_K = 32
@@ -141,10 +140,10 @@ def _co_block(cout: int) -> int:
 
 
 class Conv2dLeakyPool(torch.autograd.Function):
-    """Fused per-client conv + bias + leaky ReLU + 2x2 max-pool (inputs contiguous float32)."""
+    """Fused per-client conv + bias + leaky ReLU (negative slope ``slope``) + 2x2 max-pool (contiguous float32)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding: int):
+    def forward(ctx, x, weight, bias, padding: int, slope: float):
         n, b, c, h, w = x.shape
         cout, ks = weight.shape[1], weight.shape[-1]
         hc, wc = h + 2 * padding - ks + 1, w + 2 * padding - ks + 1
@@ -154,9 +153,9 @@ class Conv2dLeakyPool(torch.autograd.Function):
         block_co = _co_block(cout)
         grid = (triton.cdiv(hp * wp, BLOCK_PIX), triton.cdiv(cout, block_co), n * b)
         _conv_pool_fwd_kernel[grid](x, weight, bias, y, winner, b, c, h, w, cout, hp, wp, padding, KS=ks,
-                                    SLOPE=LEAKY_SLOPE, BLOCK_CO=block_co, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
+                                    SLOPE=slope, BLOCK_CO=block_co, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
         ctx.save_for_backward(x, weight, y, winner)
-        ctx.padding = padding
+        ctx.padding, ctx.slope = padding, slope
         return y
 
     @staticmethod
@@ -170,7 +169,7 @@ class Conv2dLeakyPool(torch.autograd.Function):
         dz = torch.zeros(n, b, cout, hc, wc, device=x.device, dtype=torch.float32)
         total = y.numel()
         _unpool_kernel[(triton.cdiv(total, 1024),)](dy.contiguous(), y, winner, dz, total, hp, wp, hc, wc,
-                                                     SLOPE=LEAKY_SLOPE, BLOCK=1024)
+                                                     SLOPE=ctx.slope, BLOCK=1024)
         block_co = _co_block(cout)
         dx = dw = db = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -185,4 +184,4 @@ class Conv2dLeakyPool(torch.autograd.Function):
             grid = (triton.cdiv(h * w, BLOCK_PIX), triton.cdiv(c, block_ci), n * b)
             _conv_dx_kernel[grid](dz, weight, dx, b, c, h, w, cout, hc, wc, pad, KS=ks,
                                   BLOCK_CI=block_ci, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
-        return dx, dw, db, None
+        return dx, dw, db, None, None

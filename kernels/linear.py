@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from ..models import LEAKY_SLOPE
 from .bmm import bmm
 
 
 class BatchedLinear(torch.autograd.Function):
-    """y = act(x @ weightᵀ + bias) per client, with Triton matmuls."""
+    """y = x @ weightᵀ + bias per client, then leaky ReLU with negative slope ``slope`` unless it is None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, leaky: bool):
-        y = bmm(x, weight.transpose(1, 2), bias, LEAKY_SLOPE if leaky else None)
+    def forward(ctx, x, weight, bias, slope: float | None):
+        y = bmm(x, weight.transpose(1, 2), bias, slope)
         ctx.save_for_backward(x, weight, y)
-        ctx.leaky = leaky
+        ctx.slope = slope
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, y = ctx.saved_tensors
-        dz = torch.where(y > 0, dy, dy * LEAKY_SLOPE) if ctx.leaky else dy  # through the activation
+        dz = dy if ctx.slope is None else torch.where(y > 0, dy, dy * ctx.slope)  # through the activation
         dx = bmm(dz, weight) if ctx.needs_input_grad[0] else None  # (N, B, K)
         dw = bmm(dz.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # (N, M, K)
         db = dz.sum(1) if ctx.needs_input_grad[2] else None

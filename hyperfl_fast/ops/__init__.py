@@ -29,6 +29,7 @@ import os
 import torch
 
 from . import naive, torch_ops
+from .activation import LEAKY_SLOPE
 
 PATHS = ("reference", "torch", "triton")
 ENV_VAR = "HYPERFL_OPS_PATH"
@@ -201,7 +202,7 @@ def batched_conv2d_leaky_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch
         return torch_ops.conv2d_leaky_pool(x, weight, bias, padding)
     from ..kernels.conv import Conv2dLeakyPool
 
-    return Conv2dLeakyPool.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), padding)
+    return Conv2dLeakyPool.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), padding, LEAKY_SLOPE)
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, leaky: bool = False,
@@ -222,4 +223,4 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, le
         return torch_ops.linear(x, weight, bias, leaky)
     from ..kernels.linear import BatchedLinear
 
-    return BatchedLinear.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), leaky)
+    return BatchedLinear.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), LEAKY_SLOPE if leaky else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import LEAKY_SLOPE
+from .activation import LEAKY_SLOPE
 
 
 def _client(t: torch.Tensor, n: int, shared_dim: int) -> torch.Tensor:

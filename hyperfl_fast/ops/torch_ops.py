@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import LEAKY_SLOPE
+from .activation import LEAKY_SLOPE
 
 
 def generate_weights(embeddings, fc_weight, fc_bias, head_weight, head_bias):
