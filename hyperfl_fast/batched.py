@@ -72,39 +72,59 @@ class Batch:
     active: torch.Tensor  # (N,) bool: the client has a batch at this step
 
 
-def epoch_batches(data: StackedData, cids: list[int], batch_size: int, seed: int, round_idx: int,
-                  epoch: int) -> Iterable[Batch]:
-    """One epoch for the clients ``cids`` in lockstep, with the reference's per-client draws.
+class RoundSchedule:
+    """Every epoch of one round for the clients ``cids`` in lockstep, with the reference's per-client draws.
 
-    The per-client loop only draws each client's shuffle and augmentation once
-    per epoch (on the CPU generators); every step is then a batched gather.
+    All of the round's shuffles and augmentation draws are made up front, on
+    the CPU generators keyed by (seed, round, client, epoch) exactly as the
+    reference draws them, and copied to the device once; local training then
+    only slices them (no host round trip per epoch or step).  A batch size
+    larger than the largest client is clamped to it, so nothing is padded
+    beyond the data (the reference's batches cannot be larger either).
     """
-    largest = max(data.clients[c].num_train for c in cids)
-    batch_size = min(batch_size, largest)  # never pad beyond the data (the reference's batches cannot either)
-    num_steps = -(-largest // batch_size)
-    width = num_steps * batch_size
-    rows = torch.zeros(len(cids), width, dtype=torch.long)
-    valid = torch.zeros(len(cids), width, dtype=torch.bool)
-    aug = torch.zeros(3, len(cids), width, dtype=torch.long)  # dy, dx, flip
-    for i, cid in enumerate(cids):
-        n = data.clients[cid].num_train
-        gen = make_generator(seed, round_idx, cid, epoch)
-        rows[i, :n] = torch.randperm(n, generator=gen)
-        valid[i, :n] = True
-        if data.augment:
-            for start in range(0, n, batch_size):  # the reference draws batch by batch
-                stop = min(start + batch_size, n)
-                aug[:, i, start:stop] = torch.stack([t.long() for t in draw_crop_flip(stop - start, gen)])
-    device = data.train_y.device
-    rows, valid, aug = rows.to(device), valid.to(device), aug.to(device)
-    client_idx = torch.tensor(cids, device=device)[:, None]
-    for step in range(num_steps):
-        cols = slice(step * batch_size, (step + 1) * batch_size)
-        x = data.train_x[client_idx, rows[:, cols]]  # (N, B, C, H, W)
-        if data.augment:
-            x = apply_crop_flip(x.flatten(0, 1), *(a[:, cols].flatten() for a in aug[:2]),
-                                aug[2, :, cols].flatten().bool()).view_as(x)
-        yield Batch(x, data.train_y[client_idx, rows[:, cols]], valid[:, cols], valid[:, cols].any(1))
+
+    def __init__(self, data: StackedData, cids: list[int], batch_size: int, seed: int, round_idx: int,
+                 epochs: range):
+        largest = max(data.clients[c].num_train for c in cids)
+        self.data, self.epochs = data, epochs
+        self.batch_size = min(batch_size, largest)
+        self.num_steps = -(-largest // self.batch_size)
+        width = self.num_steps * self.batch_size
+        rows = torch.zeros(len(epochs), len(cids), width, dtype=torch.long)
+        valid = torch.zeros(len(epochs), len(cids), width, dtype=torch.bool)
+        aug = torch.zeros(len(epochs), 3, len(cids), width, dtype=torch.long)  # dy, dx, flip
+        for e, epoch in enumerate(epochs):
+            for i, cid in enumerate(cids):
+                n = data.clients[cid].num_train
+                gen = make_generator(seed, round_idx, cid, epoch)
+                rows[e, i, :n] = torch.randperm(n, generator=gen)
+                valid[e, i, :n] = True
+                if data.augment:
+                    for start in range(0, n, self.batch_size):  # the reference draws batch by batch
+                        stop = min(start + self.batch_size, n)
+                        aug[e, :, i, start:stop] = torch.stack([t.long() for t in draw_crop_flip(stop - start, gen)])
+        device = data.train_y.device
+        # (E, N, width) each, one host-to-device copy per round
+        self.rows, self.valid, self.aug = rows.to(device), valid.to(device), aug.to(device)
+        self.client_idx = torch.tensor(cids, device=device)[:, None]
+
+    def batches(self, epoch: int) -> Iterable[Batch]:
+        """The steps of ``epoch`` (one of the schedule's epochs), each a batched gather for all clients."""
+        data, e = self.data, self.epochs.index(epoch)
+        rows, valid, aug = self.rows[e], self.valid[e], self.aug[e]
+        for step in range(self.num_steps):
+            cols = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            x = data.train_x[self.client_idx, rows[:, cols]]  # (N, B, C, H, W)
+            if data.augment:
+                x = apply_crop_flip(x.flatten(0, 1), *(a[:, cols].flatten() for a in aug[:2]),
+                                    aug[2, :, cols].flatten().bool()).view_as(x)
+            yield Batch(x, data.train_y[self.client_idx, rows[:, cols]], valid[:, cols], valid[:, cols].any(1))
+
+
+def client_results(cids: list[int], *per_client: torch.Tensor) -> list[ClientResult]:
+    """ClientResults from (N,) tensors (train loss, local and global accuracy), read to the host in one copy."""
+    rows = torch.stack(per_client, 1).tolist()
+    return [ClientResult(c, *row) for c, row in zip(cids, rows)]
 
 
 def client_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -219,7 +239,8 @@ class FactoredHeads:
         """sum_n weights_n W_n as one GEMM over the stacked factors: (P, H)."""
         s = self.steps
         scaled_v = (self.v[:, :s] * (weights[:, None] * self.beta[:, :s])[:, :, None]).flatten(0, 1)  # (N s, H)
-        return torch.addmm(self.w0, self.u[:, :s].flatten(0, 1).t(), scaled_v, beta=float((weights * self.alpha).sum()))
+        low_rank = self.u[:, :s].flatten(0, 1).t() @ scaled_v  # (P, H)
+        return low_rank.addcmul_(self.w0, (weights * self.alpha).sum())  # the scale stays on the device
 
     def materialize(self, n: int) -> torch.Tensor:
         """Client n's head matrix W_n (P, H): what it would upload."""
@@ -260,8 +281,9 @@ class HyperFLBatched:
         # 1. classifier phase: theta from the global psi (one shared GEMM), not trained
         theta = ops.generate_weights(embedding, psi["fc.weight"], psi["fc.bias"], psi["heads.weight"],
                                      psi["heads.bias"])  # (N, P)
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs + 1))
         classifier_sgd = StackedSGD([cls_w, cls_b], cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
-        for batch in epoch_batches(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, 0):
+        for batch in schedule.batches(0):
             with torch.no_grad():
                 feats = self.features(batch.x, theta)
             w, b = cls_w.clone().requires_grad_(), cls_b.clone().requires_grad_()
@@ -269,8 +291,7 @@ class HyperFLBatched:
             classifier_sgd.step(list(torch.autograd.grad(loss, [w, b])), batch.active)
 
         # 2. hypernetwork phase: psi_n and v_n in lockstep, classifier frozen
-        steps_per_epoch = max(-(-self.data.clients[c].num_train // cfg.batch_size) for c in sampled)
-        heads = FactoredHeads(psi["heads.weight"], n, steps_per_epoch * cfg.local_epochs)
+        heads = FactoredHeads(psi["heads.weight"], n, schedule.num_steps * cfg.local_epochs)
         fc_w = psi["fc.weight"].expand(n, -1, -1).clone()  # (N, H, E)
         fc_b = psi["fc.bias"].expand(n, -1).clone()  # (N, H)
         head_b = psi["heads.bias"].expand(n, -1).clone()  # (N, P)
@@ -278,7 +299,7 @@ class HyperFLBatched:
         embedding_sgd = StackedSGD([embedding], cfg.lr, cfg.momentum, cfg.weight_decay)
         for epoch in progress(range(1, cfg.local_epochs + 1)):
             loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
-            for batch in epoch_batches(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, epoch):
+            for batch in schedule.batches(epoch):
                 pre = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2)  # (N, H)
                 hidden = pre.relu()
                 theta = heads.matvec(hidden, head_b).requires_grad_()  # (N, P)
@@ -317,8 +338,7 @@ class HyperFLBatched:
         })
         self.client_embeddings[idx], self.classifier_weight[idx], self.classifier_bias[idx] = embedding, cls_w, cls_b
         global_acc = self.global_accuracy(sampled)
-        return [ClientResult(c, *(float(t[i]) for t in (train_loss, local_acc, global_acc)))
-                for i, c in enumerate(sampled)]
+        return client_results(sampled, train_loss, local_acc, global_acc)
 
     @torch.no_grad()
     def global_accuracy(self, cids: list[int]) -> torch.Tensor:
@@ -368,9 +388,10 @@ class CNNBatched:
         else:
             params = {k: t[idx].clone() for k, t in self.params.items()}
         sgd = StackedSGD(list(params.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs))
         for epoch in progress(range(cfg.local_epochs)):
             loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
-            for batch in epoch_batches(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, epoch):
+            for batch in schedule.batches(epoch):
                 leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
                 losses = client_losses(self.logits(batch.x, leaves), batch)
                 sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
@@ -388,8 +409,7 @@ class CNNBatched:
             for k, t in params.items():
                 self.params[k][idx] = t
             global_acc = local_acc
-        return [ClientResult(c, *(float(t[i]) for t in (train_loss, local_acc, global_acc)))
-                for i, c in enumerate(sampled)]
+        return client_results(sampled, train_loss, local_acc, global_acc)
 
     def state_dict(self) -> dict:
         return {"params": self.params}

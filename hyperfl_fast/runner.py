@@ -27,7 +27,7 @@ from .partition import partition
 from .progress import progress_bar
 from .reference import build_reference
 
-RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir"}
+RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision"}
 # settings older checkpoints lack, with the behaviour those runs had
 LEGACY_DEFAULTS = {"client_init": "independent"}
 
@@ -148,6 +148,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     elif not overwrite and (checkpoint.exists() or (out / "metrics.json").exists()):
         raise ConfigError(f"--output-dir {out} holds another run's results; pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --output-dir")
+    ops.set_precision(cfg.precision)
     engine, device = prepare(cfg, log)
     rounds: list[dict] = []
     if state is not None:
@@ -159,7 +160,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         rounds = state["rounds"]
         log(f"resumed from {checkpoint} after round {len(rounds)}")
     log(f"{cfg.method} on {cfg.dataset}: {cfg.clients} clients, frac {cfg.frac}, {cfg.rounds} rounds, "
-        f"engine {cfg.engine}, ops path {ops.resolve_path(None, device)}, device {device}")
+        f"engine {cfg.engine}, device {device}; ops: {ops.describe_paths(device)}")
 
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()

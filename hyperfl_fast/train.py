@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test samples per client (default: 600; 300 for cifar10/cinic10)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--precision", default=d.precision,
+                   help="fp32 (full float32; TF32 off in cuBLAS/cuDNN) or tf32 (TF32 tensor cores, about 1e-3 "
+                        "relative error; GPU only)")
     p.add_argument("--data-dir", default=d.data_dir,
                    help="dataset folder: fashion-mnist/ (else /usr/share/datasets/fashion-mnist), EMNIST/raw/, "
                         "cifar-10-batches-py/, CINIC-10/")

@@ -17,7 +17,7 @@ import triton.language as tl
 def _bmm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
                 stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
                 stride_cb, stride_cm, stride_cn, stride_biasb,
-                HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, SLOPE: tl.constexpr,
+                HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, SLOPE: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -29,7 +29,7 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
         b = tl.load(b_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(a, b, input_precision="ieee")
+        acc += tl.dot(a, b, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if HAS_BIAS:
@@ -44,11 +44,12 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(size)))
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, leaky_slope: float | None = None):
+def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, leaky_slope: float | None = None,
+        precision: str = "ieee"):
     """act(a @ b + bias): a (Bt, M, K), b (Bt, K, N), bias (Bt, N) or None -> (Bt, M, N) float32.
 
     Any strides are accepted (including batch stride 0); ``leaky_slope`` None
-    means no activation.
+    means no activation; ``precision`` is ``tl.dot``'s input precision ("ieee" or "tf32").
     """
     batch, m, k = a.shape
     n = b.shape[2]
@@ -58,6 +59,6 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, leak
     bias_arg = bias if bias is not None else out
     _bmm_kernel[grid](a, b, out, bias_arg, m, n, k, *a.stride(), *b.stride(), *out.stride(),
                       bias.stride(0) if bias is not None else 0,
-                      HAS_BIAS=bias is not None, LEAKY=leaky_slope is not None, SLOPE=leaky_slope or 0.0,
+                      HAS_BIAS=bias is not None, LEAKY=leaky_slope is not None, SLOPE=leaky_slope or 0.0, PRECISION=precision,
                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

@@ -27,7 +27,7 @@ BLOCK_K = 32
 
 @triton.jit
 def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, B, C, H, W, COUT, HP, WP, PAD,
-                          KS: tl.constexpr, SLOPE: tl.constexpr,
+                          KS: tl.constexpr, SLOPE: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_CO: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_pix, pid_co, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = nb // B
@@ -52,7 +52,7 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, B, C, H, W, COUT,
             xv = tl.load(x_base + ci[:, None] * H * W + iy * W + ix, mask=xmask, other=0.0)
             wv = tl.load(w_base + co[:, None] * kk + rk[None, :], mask=(co[:, None] < COUT) & (rk[None, :] < kk),
                          other=0.0)
-            acc += tl.dot(wv, xv, input_precision="ieee")
+            acc += tl.dot(wv, xv, input_precision=PRECISION)
         take = acc > best
         best = tl.where(take, acc, best)
         winner = tl.where(take, q, winner)
@@ -81,7 +81,7 @@ def _unpool_kernel(dy_ptr, y_ptr, win_ptr, dz_ptr, total, HP, WP, HC, WC, SLOPE:
 
 @triton.jit
 def _conv_dw_kernel(x_ptr, dz_ptr, dw_ptr, db_ptr, B, C, H, W, COUT, HC, WC, PAD, KS: tl.constexpr,
-                    BLOCK_CO: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_K: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[n, co, k] = sum_{b, pix} dz[n, b, co, pix] * im2col(x[n, b])[k, pix]; db likewise (pid_k == 0)."""
     pid_k, pid_co, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kk = C * KS * KS
@@ -101,7 +101,7 @@ def _conv_dw_kernel(x_ptr, dz_ptr, dw_ptr, db_ptr, B, C, H, W, COUT, HC, WC, PAD
             ix = ox[:, None] + (r % KS)[None, :] - PAD
             xmask = (pix[:, None] < HC * WC) & (rk[None, :] < kk) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             xv = tl.load(x_ptr + nb * C * H * W + ci[None, :] * H * W + iy * W + ix, mask=xmask, other=0.0)
-            acc += tl.dot(dz, xv, input_precision="ieee")
+            acc += tl.dot(dz, xv, input_precision=PRECISION)
             acc_b += tl.sum(dz, axis=1)
     tl.store(dw_ptr + n * COUT * kk + co[:, None] * kk + rk[None, :], acc,
              mask=(co[:, None] < COUT) & (rk[None, :] < kk))
@@ -111,7 +111,7 @@ def _conv_dw_kernel(x_ptr, dz_ptr, dw_ptr, db_ptr, B, C, H, W, COUT, HC, WC, PAD
 
 @triton.jit
 def _conv_dx_kernel(dz_ptr, w_ptr, dx_ptr, B, C, H, W, COUT, HC, WC, PAD, KS: tl.constexpr,
-                    BLOCK_CI: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_K: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[n, b, ci, y, x] = sum_{co, kh, kw} w[n, co, ci, kh, kw] * dz[n, b, co, y + PAD - kh, x + PAD - kw]."""
     pid_pix, pid_ci, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = nb // B
@@ -130,7 +130,7 @@ def _conv_dx_kernel(dz_ptr, w_ptr, dx_ptr, B, C, H, W, COUT, HC, WC, PAD, KS: tl
         ox = ix[None, :] + PAD - kw[:, None]
         zmask = (rk[:, None] < kk) & (pix[None, :] < H * W) & (oy >= 0) & (oy < HC) & (ox >= 0) & (ox < WC)
         dz = tl.load(dz_ptr + nb * COUT * HC * WC + co[:, None] * HC * WC + oy * WC + ox, mask=zmask, other=0.0)
-        acc += tl.dot(wv, dz, input_precision="ieee")
+        acc += tl.dot(wv, dz, input_precision=PRECISION)
     tl.store(dx_ptr + nb * C * H * W + ci[:, None] * H * W + pix[None, :], acc,
              mask=(ci[:, None] < C) & (pix[None, :] < H * W))
 
@@ -143,7 +143,7 @@ class Conv2dLeakyPool(torch.autograd.Function):
     """Fused per-client conv + bias + leaky ReLU (negative slope ``slope``) + 2x2 max-pool (contiguous float32)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding: int, slope: float):
+    def forward(ctx, x, weight, bias, padding: int, slope: float, precision: str):
         n, b, c, h, w = x.shape
         cout, ks = weight.shape[1], weight.shape[-1]
         hc, wc = h + 2 * padding - ks + 1, w + 2 * padding - ks + 1
@@ -153,9 +153,9 @@ class Conv2dLeakyPool(torch.autograd.Function):
         block_co = _co_block(cout)
         grid = (triton.cdiv(hp * wp, BLOCK_PIX), triton.cdiv(cout, block_co), n * b)
         _conv_pool_fwd_kernel[grid](x, weight, bias, y, winner, b, c, h, w, cout, hp, wp, padding, KS=ks,
-                                    SLOPE=slope, BLOCK_CO=block_co, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
+                                    SLOPE=slope, PRECISION=precision, BLOCK_CO=block_co, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
         ctx.save_for_backward(x, weight, y, winner)
-        ctx.padding, ctx.slope = padding, slope
+        ctx.padding, ctx.slope, ctx.precision = padding, slope, precision
         return y
 
     @staticmethod
@@ -176,12 +176,12 @@ class Conv2dLeakyPool(torch.autograd.Function):
             dw = torch.empty_like(weight)
             db = torch.empty(n, cout, device=x.device, dtype=torch.float32)
             grid = (triton.cdiv(c * ks * ks, BLOCK_K), triton.cdiv(cout, block_co), n)
-            _conv_dw_kernel[grid](x, dz, dw, db, b, c, h, w, cout, hc, wc, pad, KS=ks,
+            _conv_dw_kernel[grid](x, dz, dw, db, b, c, h, w, cout, hc, wc, pad, KS=ks, PRECISION=ctx.precision,
                                   BLOCK_CO=block_co, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
             block_ci = max(16, min(64, triton.next_power_of_2(c)))
             grid = (triton.cdiv(h * w, BLOCK_PIX), triton.cdiv(c, block_ci), n * b)
-            _conv_dx_kernel[grid](dz, weight, dx, b, c, h, w, cout, hc, wc, pad, KS=ks,
+            _conv_dx_kernel[grid](dz, weight, dx, b, c, h, w, cout, hc, wc, pad, KS=ks, PRECISION=ctx.precision,
                                   BLOCK_CI=block_ci, BLOCK_PIX=BLOCK_PIX, BLOCK_K=BLOCK_K)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None

@@ -41,6 +41,7 @@ def test_smoke_run_writes_metrics(tmp_path, capsys):
     (["--grad-clip", "nan"], "--grad-clip must be a finite number in (0, inf), got nan"),
     (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
     (["--client-init", "copied"], "--client-init: unknown choice 'copied'"),
+    (["--precision", "bf16"], "--precision must be one of fp32, tf32, got 'bf16'"),
     (["--method", "fedprox"], "unknown method 'fedprox'"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),

@@ -137,7 +137,7 @@ def test_cli_runs_both_engines(tmp_path, capsys):
     flags = ["--dataset", "synthetic", "--clients", "3", "--local-size", "40", "--test-size", "20",
              "--local-epochs", "1", "--batch-size", "20", "--rounds", "1", "--device", "cpu"]
     assert main(flags + ["--output-dir", str(tmp_path / "b")]) == 0
-    assert "engine batched, ops path torch" in capsys.readouterr().out
+    assert "engine batched, device cpu; ops: generate_weights/shared torch" in capsys.readouterr().out
     assert main(flags + ["--engine", "reference", "--output-dir", str(tmp_path / "r")]) == 0
     assert "engine reference" in capsys.readouterr().out
     assert main(flags + ["--engine", "fast", "--output-dir", str(tmp_path / "x")]) == 2

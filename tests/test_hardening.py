@@ -60,10 +60,10 @@ def test_engines_agree_with_an_oversized_batch(method):
 
 
 def test_batched_engine_never_pads_beyond_the_data():
-    from hyperfl_fast.batched import StackedData, epoch_batches
+    from hyperfl_fast.batched import RoundSchedule, StackedData
 
     _, clients = small_federation(clients=2, local_size=40)
-    batches = list(epoch_batches(StackedData(clients), [0, 1], 100000, 0, 0, 0))
+    batches = list(RoundSchedule(StackedData(clients), [0, 1], 100000, 0, 0, range(1)).batches(0))
     assert len(batches) == 1 and batches[0].x.shape[1] == 40 and batches[0].valid.all()
 
 

@@ -9,11 +9,22 @@ from conftest import DEVICE
 
 def test_default_path_is_torch_on_cpu_and_env_var_forces_a_path(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    assert ops.resolve_path(None, torch.device("cpu")) == "torch"
-    assert ops.resolve_path(None, torch.device("cuda")) == "triton"
+    for op in ops.CUDA_DEFAULT_PATHS:
+        assert ops.resolve_path(None, torch.device("cpu"), op) == "torch"
     monkeypatch.setenv(ops.ENV_VAR, "reference")
-    assert ops.resolve_path(None, torch.device("cpu")) == "reference"
+    assert ops.resolve_path(None, torch.device("cpu"), "batched_linear") == "reference"
+    assert ops.resolve_path(None, torch.device("cuda"), "batched_linear") == "reference"
     assert ops.resolve_path("torch", torch.device("cpu")) == "torch"  # the argument wins
+
+
+def test_cuda_defaults_are_the_measured_fastest_paths(monkeypatch):
+    """RESULTS.md (H100): cuDNN/cuBLAS beat the Triton conv stack and shared GEMM; Triton wins the memory-bound ops."""
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    assert {op: ops.resolve_path(None, cuda, op) for op in ops.CUDA_DEFAULT_PATHS} == {
+        "generate_weights/shared": "torch", "generate_weights/per-client": "triton",
+        "fused_head_sgd_step": "triton", "batched_conv2d_leaky_pool": "torch", "batched_linear": "torch"}
+    assert ops.describe_paths(torch.device("cpu")).endswith("batched_linear torch; precision fp32")
 
 
 def test_unknown_path_and_triton_without_gpu_or_interpreter(monkeypatch):
@@ -137,3 +148,54 @@ def test_fused_head_step_rejects_bad_scalars(name, value):
                 clip_coef=torch.ones(n), lr=0.1, momentum=0.5, weight_decay=0.0)
     with pytest.raises(ValueError, match=f"fused_head_sgd_step: {name} must be a finite number"):
         ops.fused_head_sgd_step(**{**args, name: value})
+
+
+@pytest.fixture
+def restore_precision():
+    before = ops.get_precision()
+    yield
+    ops.set_precision(before)
+
+
+def test_precision_policy_sets_torch_flags_and_triton_precision(restore_precision):
+    from hyperfl_fast.ops.precision import triton_input_precision
+
+    ops.set_precision("fp32")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert triton_input_precision() == "ieee"
+    ops.set_precision("tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert triton_input_precision() == "tf32" and ops.get_precision() == "tf32"
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, got 'bf16'"):
+        ops.set_precision("bf16")
+
+
+def test_fp32_is_in_force_after_import():
+    """The package turns cuDNN's TF32 default off: the torch and reference paths compare in true float32."""
+    import subprocess
+    import sys
+
+    code = "import hyperfl_fast, torch; print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_precision_environment_variable(monkeypatch, restore_precision):
+    from hyperfl_fast.ops.precision import apply_environment
+
+    monkeypatch.setenv("HYPERFL_PRECISION", "tf32")
+    apply_environment()
+    assert ops.get_precision() == "tf32"
+    monkeypatch.setenv("HYPERFL_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="HYPERFL_PRECISION must be one of fp32, tf32, got 'fp16'"):
+        apply_environment()
+
+
+def test_triton_conv_under_tf32_is_within_the_documented_tolerance(restore_precision):
+    """TF32 mode: relative error about 1e-3 against the fp32 reference (the interpreter may even be exact)."""
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 3, 4, 11, 11), torch.randn(2, 8, 4, 3, 3), torch.randn(2, 8)
+    ref = ops.batched_conv2d_leaky_pool(x, w, b, 1, path="reference")
+    ops.set_precision("tf32")
+    fast = ops.batched_conv2d_leaky_pool(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), 1, path="triton").cpu()
+    assert ((fast - ref).abs().max() / ref.abs().max()).item() < 5e-3

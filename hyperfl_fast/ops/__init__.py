@@ -15,11 +15,16 @@ Every op has three paths with the same semantics:
 - ``"triton"``: fused Triton kernels (:mod:`hyperfl_fast.kernels`), float32 only.
 
 Dispatch rule: the ``path`` argument if given, else the environment variable
-``HYPERFL_OPS_PATH``, else ``"triton"`` for CUDA tensors and ``"torch"``
-otherwise.  The Triton path on CPU tensors needs ``TRITON_INTERPRET=1`` (set
-before triton is imported), which is how the tests check kernel logic without
-a GPU.  Inputs are validated here; a bad call raises ``ValueError`` naming
-the argument.
+``HYPERFL_OPS_PATH``, else for CUDA tensors the path measured fastest on a GPU
+(:data:`CUDA_DEFAULT_PATHS`, from ``benchmarks/RESULTS.md``) and ``"torch"``
+otherwise.  A rewritten kernel becomes a CUDA default only once a GPU benchmark
+shows it faster; until then it is selected with ``path="triton"``.  The Triton
+path on CPU tensors needs ``TRITON_INTERPRET=1`` (set before triton is
+imported), which is how the tests check kernel logic without a GPU.  Inputs
+are validated here; a bad call raises ``ValueError`` naming the argument.
+
+Precision: one policy for all paths, ``fp32`` (default) or ``tf32``
+(:func:`set_precision`, :mod:`hyperfl_fast.ops.precision`).
 """
 from __future__ import annotations
 
@@ -30,18 +35,33 @@ import torch
 
 from . import naive, torch_ops
 from .activation import LEAKY_SLOPE
+from .precision import PRECISIONS, apply_environment, get_precision, set_precision, triton_input_precision
 
 PATHS = ("reference", "torch", "triton")
 ENV_VAR = "HYPERFL_OPS_PATH"
 MAX_TRITON_HIDDEN = 256  # the split-P transposed GEMV keeps a whole hidden row in registers
 
-__all__ = ["PATHS", "ENV_VAR", "resolve_path", "generate_weights", "fused_head_sgd_step", "head_grad_sq_norm",
+# The default path of each op for CUDA tensors: the fastest measured on a GPU (benchmarks/RESULTS.md: one H100,
+# torch 2.11, triton 3.6).  A kernel enters this table only with a GPU benchmark that shows it faster.
+CUDA_DEFAULT_PATHS = {
+    "generate_weights/shared": "torch",  # one cuBLAS GEMM, 0.130 ms; the Triton path took 0.399 ms
+    "generate_weights/per-client": "triton",  # 63% / 83% of copy bandwidth (fmnist / cifar); torch 54% / 59%
+    "fused_head_sgd_step": "triton",  # 99.9% of copy bandwidth; torch 40%
+    "batched_conv2d_leaky_pool": "torch",  # cuDNN grouped conv: the Triton CNN stack was 2.1x (fmnist) slower
+    "batched_linear": "torch",  # cuBLAS; timed only inside that CNN stack
+}
+
+__all__ = ["PATHS", "ENV_VAR", "CUDA_DEFAULT_PATHS", "PRECISIONS", "resolve_path", "describe_paths",
+           "set_precision", "get_precision", "generate_weights", "fused_head_sgd_step", "head_grad_sq_norm",
            "batched_conv2d_leaky_pool", "batched_linear"]
 
+apply_environment()  # the precision policy holds from the first op on
 
-def resolve_path(path: str | None, device: torch.device) -> str:
-    """The path an op runs on for tensors on ``device`` (see the module docs)."""
-    chosen = path or os.environ.get(ENV_VAR) or ("triton" if device.type == "cuda" else "torch")
+
+def resolve_path(path: str | None, device: torch.device, op: str | None = None) -> str:
+    """The path ``op`` (a key of :data:`CUDA_DEFAULT_PATHS`; others default to torch) runs on for ``device``."""
+    default = CUDA_DEFAULT_PATHS.get(op, "torch") if device.type == "cuda" else "torch"
+    chosen = path or os.environ.get(ENV_VAR) or default
     if chosen not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {chosen!r}")
     if chosen == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -49,7 +69,13 @@ def resolve_path(path: str | None, device: torch.device) -> str:
     return chosen
 
 
-def _check(op: str, named: dict[str, torch.Tensor], path: str | None) -> str:
+def describe_paths(device: torch.device) -> str:
+    """Which path each op takes by default on ``device``, and the precision: for log lines."""
+    paths = ", ".join(f"{op} {resolve_path(None, device, op)}" for op in CUDA_DEFAULT_PATHS)
+    return f"{paths}; precision {get_precision()}"
+
+
+def _check(op: str, named: dict[str, torch.Tensor], path: str | None, dispatch_key: str | None = None) -> str:
     """Tensors on one device with one floating dtype (float32 for triton); returns the resolved path."""
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -62,7 +88,7 @@ def _check(op: str, named: dict[str, torch.Tensor], path: str | None) -> str:
             raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
         if t.dtype != first.dtype:
             raise ValueError(f"{op}: {name} is {t.dtype}, {first_name} {first.dtype}; pass one dtype")
-    path = resolve_path(path, first.device)
+    path = resolve_path(path, first.device, dispatch_key or op)
     if path == "triton" and first.dtype != torch.float32:
         raise ValueError(f"{op}: the triton path takes float32, {first_name} is {first.dtype}")
     return path
@@ -93,8 +119,9 @@ def generate_weights(embeddings: torch.Tensor, fc_weight: torch.Tensor, fc_bias:
     with a leading N.  (The two layers may independently be shared or per-client.)
     """
     op = "generate_weights"
+    shared = isinstance(head_weight, torch.Tensor) and head_weight.dim() == 2
     path = _check(op, dict(embeddings=embeddings, fc_weight=fc_weight, fc_bias=fc_bias, head_weight=head_weight,
-                           head_bias=head_bias), path)
+                           head_bias=head_bias), path, f"{op}/{'shared' if shared else 'per-client'}")
     if embeddings.dim() != 2 or embeddings.shape[0] == 0:
         raise ValueError(f"{op}: embeddings must be (N, E) with N >= 1, got shape {tuple(embeddings.shape)}")
     n, e = embeddings.shape
@@ -117,7 +144,7 @@ def generate_weights(embeddings: torch.Tensor, fc_weight: torch.Tensor, fc_bias:
     from ..kernels.generate import GenerateWeights
 
     args = (t.contiguous() for t in (embeddings, fc_weight, fc_bias, head_weight, head_bias))
-    return GenerateWeights.apply(*args)
+    return GenerateWeights.apply(*args, triton_input_precision())
 
 
 def head_grad_sq_norm(d_theta: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -202,7 +229,8 @@ def batched_conv2d_leaky_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch
         return torch_ops.conv2d_leaky_pool(x, weight, bias, padding)
     from ..kernels.conv import Conv2dLeakyPool
 
-    return Conv2dLeakyPool.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), padding, LEAKY_SLOPE)
+    return Conv2dLeakyPool.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), padding, LEAKY_SLOPE,
+                                 triton_input_precision())
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, leaky: bool = False,
@@ -223,4 +251,5 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, le
         return torch_ops.linear(x, weight, bias, leaky)
     from ..kernels.linear import BatchedLinear
 
-    return BatchedLinear.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), LEAKY_SLOPE if leaky else None)
+    return BatchedLinear.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), LEAKY_SLOPE if leaky else None,
+                               triton_input_precision())
