@@ -89,11 +89,25 @@ def stack_vmap(x, theta, spec):
     return vmap(one)({k: params[k] for k in feature_names}, x)
 
 
+@pytest.fixture
+def precision(request):
+    """Run a benchmark under one precision mode (tf32 only where there are tensor cores), then restore fp32."""
+    mode = request.param
+    if mode == "tf32" and DEVICE.type != "cuda":
+        pytest.skip("tf32 is a GPU mode")
+    ops.set_precision(mode)
+    yield mode
+    ops.set_precision("fp32")
+
+
 @pytest.mark.benchmark(group="cnn-stack")
+@pytest.mark.parametrize("precision", ["fp32", "tf32"], indirect=True)
 @pytest.mark.parametrize("path", ["reference", "torch", "vmap", "triton"])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_cnn_stack_forward_backward(benchmark, model, path):
+def test_cnn_stack_forward_backward(benchmark, model, path, precision):
     skip_unless_available(path)
+    if precision == "tf32" and path in ("reference", "vmap"):
+        pytest.skip("tf32 is compared on the two fast paths only")
     spec, batch = MODELS[model], 50
     theta = (torch.randn(N_CLIENTS, spec.num_feature_params, device=DEVICE) * 0.05).requires_grad_()
     x = torch.randn(N_CLIENTS, batch, spec.in_channels, spec.image_size, spec.image_size, device=DEVICE)
@@ -105,6 +119,38 @@ def test_cnn_stack_forward_backward(benchmark, model, path):
         (d_theta,) = torch.autograd.grad(feats, theta, grad_out)
         return d_theta
 
-    median = timed(benchmark, step, rounds=5)
+    median = timed(benchmark, step, rounds=5, precision=precision)
     benchmark.extra_info["gflop_per_s"] = round(conv_stack_flops(spec, batch) / median / 1e9, 1)
     assert math.isfinite(median)
+
+
+CONV_LAYERS = [(model, i) for model, spec in MODELS.items() for i in range(len(spec.convs))]
+
+
+@pytest.mark.benchmark(group="conv-layer")
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("model,layer", CONV_LAYERS, ids=[f"{m}-conv{i + 1}" for m, i in CONV_LAYERS])
+def test_conv_layer(benchmark, model, layer, path, phase):
+    """Where the CNN stack's time goes: each fused conv layer, forward and backward (dx and dW) apart."""
+    skip_unless_available(path)
+    spec, batch = MODELS[model], 50
+    conv, size = spec.convs[layer], spec.image_size
+    for previous in spec.convs[:layer]:
+        size = (size + 2 * previous.padding - previous.kernel_size + 1) // 2
+    k = conv.kernel_size
+    x = torch.randn(N_CLIENTS, batch, conv.in_channels, size, size, device=DEVICE, requires_grad=layer > 0)
+    w = (torch.randn(N_CLIENTS, conv.out_channels, conv.in_channels, k, k, device=DEVICE) * 0.1).requires_grad_()
+    b = torch.randn(N_CLIENTS, conv.out_channels, device=DEVICE, requires_grad=True)
+    out = ops.batched_conv2d_leaky_pool(x, w, b, conv.padding, path=path)
+    grad_out = torch.randn_like(out)
+    inputs = [t for t in (x, w, b) if t.requires_grad]
+    if phase == "forward":
+        with torch.no_grad():
+            median = timed(benchmark, lambda: ops.batched_conv2d_leaky_pool(x, w, b, conv.padding, path=path))
+    else:
+        median = timed(benchmark, lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True))
+    out_pixels = (size + 2 * conv.padding - k + 1) ** 2
+    flops = 2 * N_CLIENTS * batch * out_pixels * conv.out_channels * conv.in_channels * k * k
+    passes = 1 if phase == "forward" else (2 if x.requires_grad else 1)  # backward: dW, plus dx past layer 1
+    benchmark.extra_info["gflop_per_s"] = round(passes * flops / median / 1e9, 1)

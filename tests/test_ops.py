@@ -179,3 +179,21 @@ def test_head_grad_sq_norm_is_the_outer_product_norm():
     explicit = torch.stack([torch.outer(d_theta[i], hidden[i]).pow(2).sum() + d_theta[i].pow(2).sum()
                             for i in range(4)])
     torch.testing.assert_close(ops.head_grad_sq_norm(d_theta, hidden), explicit)
+
+
+def test_triton_conv_weight_gradient_split_is_exact_and_deterministic(monkeypatch):
+    """dW sums each client's rows in several programs (forced here: 20 rows each, an uneven last one)."""
+    from hyperfl_fast.kernels import conv
+
+    monkeypatch.setattr(conv, "ROWS_PER_SPLIT", 20)
+    torch.manual_seed(5)
+    inputs = [rand(2, 3, 4, 11, 12), rand(2, 16, 4, 3, 3) / 6, rand(2, 16)]  # 3 x 5 x 6 = 90 rows per client
+    check_against_reference(lambda *t, path: ops.batched_conv2d_leaky_pool(*t, padding=1, path=path),
+                            inputs, "triton")
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        ops.batched_conv2d_leaky_pool(*leaves, padding=1, path="triton").sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
