@@ -59,6 +59,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, leak
     bias_arg = bias if bias is not None else out
     _bmm_kernel[grid](a, b, out, bias_arg, m, n, k, *a.stride(), *b.stride(), *out.stride(),
                       bias.stride(0) if bias is not None else 0,
-                      HAS_BIAS=bias is not None, LEAKY=leaky_slope is not None, SLOPE=leaky_slope or 0.0, PRECISION=precision,
+                      HAS_BIAS=bias is not None, LEAKY=leaky_slope is not None, SLOPE=leaky_slope or 0.0,
+                      PRECISION=precision,
                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
