@@ -2,13 +2,15 @@
 # Everything a session with a lent GPU should measure, from the repository root:
 #
 #   device tool: run(command="PARTS='tests bench' bash benchmarks/gpu_session.sh", carry=["data"])
-#   then:        run(command="PARTS=train bash benchmarks/gpu_session.sh", carry=["data"])
+#   then:        run(command="PARTS='profile train' bash benchmarks/gpu_session.sh", carry=["data", ".gpu-tools"])
 #
 # (two calls keep each under the device's 10-minute limit).  data/fashion-mnist/ must hold Fashion-MNIST's four
 # .gz files (cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/); data/ is git-ignored.  Uses the
 # machine's own torch, triton, pytest and pytest-benchmark: nothing is downloaded.
 # Writes under $OUT (default runs/gpu): versions.txt, tests.log, bench.log, bench.json, train.log,
-# metrics.json.  PARTS (default "tests bench train"), ROUNDS (default 200) and DEVICE (default cuda) choose the work.
+# metrics.json, profile.log.  The profile part runs .gpu-tools/profile_round.py (copy it there from
+# ../shared/tools/; .gpu-tools/ is git-ignored) for both ops paths.
+# PARTS (default "tests bench train"), ROUNDS (default 200) and DEVICE (default cuda) choose the work.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 PARTS=" ${PARTS:-tests bench train} "
@@ -31,8 +33,15 @@ if [[ $PARTS == *" bench "* ]]; then
   python3 -m pytest -q benchmarks --benchmark-only --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,min,max,rounds 2>&1 | tee "$OUT/bench.log" | grep -E "^(test_|[0-9]+ passed|FAILED)"
 fi
+if [[ $PARTS == *" profile "* ]]; then
+  if [ -f .gpu-tools/profile_round.py ]; then
+    python3 .gpu-tools/profile_round.py triton torch 2>&1 | tee "$OUT/profile.log" | tail -n 40
+  else
+    echo "profile: copy ../shared/tools/profile_round.py into .gpu-tools/ and carry that folder"
+  fi
+fi
 if [[ $PARTS == *" train "* ]]; then
-  python3 -m hyperfl_fast.train --rounds "$ROUNDS" --device "$DEVICE" --output-dir /tmp/hyperfl-gpu-run \
+  python3 -m hyperfl_fast.train --rounds "$ROUNDS" --device "$DEVICE" --output-dir /tmp/hyperfl-gpu-run --overwrite \
     >"$OUT/train.log" 2>&1
   tail -n 4 "$OUT/train.log"
   cp /tmp/hyperfl-gpu-run/metrics.json "$OUT/"
