@@ -5,16 +5,20 @@ Public API:
 - models: :class:`~hyperfl_fast.models.HyperNetwork`, :class:`~hyperfl_fast.models.TargetCNN`,
   :func:`~hyperfl_fast.models.cnn_spec`, :func:`~hyperfl_fast.models.split_theta`;
 - fused ops for any FL code base: :mod:`hyperfl_fast.ops` (``generate_weights``,
-  ``fused_head_sgd_step``, ``batched_conv2d_leaky_pool``, ``batched_linear``), Triton
-  kernels in :mod:`hyperfl_fast.kernels`;
+  ``fused_head_sgd_step``, ``batched_conv2d_leaky_pool``, ``batched_linear``; the
+  precision policy ``ops.set_precision``), Triton kernels in :mod:`hyperfl_fast.kernels`;
 - training: :class:`~hyperfl_fast.config.Config` and :func:`~hyperfl_fast.runner.run`
-  (engines: :mod:`hyperfl_fast.batched`, :mod:`hyperfl_fast.reference`);
+  (engines: :mod:`hyperfl_fast.batched`, :mod:`hyperfl_fast.reference`; errors:
+  :class:`~hyperfl_fast.config.ConfigError`, :class:`~hyperfl_fast.runner.TrainingDiverged`);
+- the paper's Table 1: :func:`~hyperfl_fast.reproduce.reproduce`;
 - privacy evaluation: :mod:`hyperfl_fast.privacy`;
-- command lines: ``python -m hyperfl_fast.train`` and ``python -m hyperfl_fast.attack``.
+- command lines: ``python -m hyperfl_fast.train``, ``python -m hyperfl_fast.reproduce`` and
+  ``python -m hyperfl_fast.attack``.
 """
-from .config import Config
+from .config import Config, ConfigError
 from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, cnn_spec, split_theta
-from .runner import run
+from .runner import TrainingDiverged, run
 
-__all__ = ["CNNSpec", "Config", "GeneratedCNN", "HyperNetwork", "TargetCNN", "cnn_spec", "run", "split_theta"]
+__all__ = ["CNNSpec", "Config", "ConfigError", "GeneratedCNN", "HyperNetwork", "TargetCNN", "TrainingDiverged",
+           "cnn_spec", "run", "split_theta"]
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ def _feed(digest, obj) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous().reshape(-1)
         digest.update(f"tensor {t.dtype} {tuple(obj.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
+        digest.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(obj, dict):
         digest.update(f"dict {len(obj)}".encode())
         for key in sorted(obj, key=str):

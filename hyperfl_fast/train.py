@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, bool]:
+def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
     """Parse flags into a validated :class:`Config` (raises :class:`ConfigError`) and the resume/overwrite flags."""
     args = vars(build_parser().parse_args(argv))
     flags = {"resume": args.pop("resume"), "overwrite": args.pop("overwrite")}
