@@ -14,7 +14,8 @@ setup(
     package_dir={"hyperfl_fast": "hyperfl_fast", "hyperfl_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"], "reproduce": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib", "opacus==1.6.0"],
+                    "reproduce": ["matplotlib"], "dp": ["opacus==1.6.0"]},
     entry_points={"console_scripts": ["hyperfl-train=hyperfl_fast.train:main",
                                       "hyperfl-reproduce=hyperfl_fast.reproduce:main"]},
 )
