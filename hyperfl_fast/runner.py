@@ -131,6 +131,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     a round's loss or parameters stop being finite (the last good round stays saved).
     """
     cfg.validate()
+    try:
+        ops_paths = ops.describe_paths(cfg.torch_device())
+    except ValueError as exc:  # HYPERFL_OPS_PATH names no path, or triton without a GPU or the interpreter
+        raise ConfigError(str(exc)) from None
     out = output_dir_for(cfg)
     check_writable(out)
     checkpoint = out / "checkpoint.pt"
@@ -149,6 +153,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         raise ConfigError(f"--output-dir {out} holds another run's results; pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --output-dir")
     ops.set_precision(cfg.precision)
+    ops_paths = ops.describe_paths(cfg.torch_device())  # with the precision now in force
     engine, device = prepare(cfg, log)
     rounds: list[dict] = []
     if state is not None:
@@ -160,7 +165,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         rounds = state["rounds"]
         log(f"resumed from {checkpoint} after round {len(rounds)}")
     log(f"{cfg.method} on {cfg.dataset}: {cfg.clients} clients, frac {cfg.frac}, {cfg.rounds} rounds, "
-        f"engine {cfg.engine}, device {device}; ops: {ops.describe_paths(device)}")
+        f"engine {cfg.engine}, device {device}; ops: {ops_paths}")
 
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()

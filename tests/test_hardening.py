@@ -241,3 +241,19 @@ def test_log_file_has_no_progress_bar_leftovers(tmp_path):
     text = log.read_text()
     assert "\r" not in text and "it/s" not in text and "epoch/s" not in text
     assert [line for line in text.splitlines() if line.startswith("round")][0].startswith("round    1/2 |")
+
+
+def test_bad_ops_path_variable_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYPERFL_OPS_PATH", "cuda")
+    assert main(SMALL + ["--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: HYPERFL_OPS_PATH must be one of reference, torch, triton, got 'cuda'\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_precision_variable_does_not_break_the_import():
+    code = "import hyperfl_fast.ops as ops; print(ops.get_precision())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HYPERFL_PRECISION": "fp8"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "fp32"
+    assert "HYPERFL_PRECISION must be one of fp32, tf32, got 'fp8'; using fp32" in proc.stderr

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -55,7 +56,10 @@ __all__ = ["PATHS", "ENV_VAR", "CUDA_DEFAULT_PATHS", "PRECISIONS", "resolve_path
            "set_precision", "get_precision", "generate_weights", "fused_head_sgd_step", "head_grad_sq_norm",
            "batched_conv2d_leaky_pool", "batched_linear"]
 
-apply_environment()  # the precision policy holds from the first op on
+try:
+    apply_environment()  # the precision policy holds from the first op on
+except ValueError as exc:  # a bad variable must not break `import hyperfl_fast`
+    warnings.warn(f"{exc}; using fp32", stacklevel=2)
 
 
 def resolve_path(path: str | None, device: torch.device, op: str | None = None) -> str:
@@ -63,7 +67,8 @@ def resolve_path(path: str | None, device: torch.device, op: str | None = None) 
     default = CUDA_DEFAULT_PATHS.get(op, "torch") if device.type == "cuda" else "torch"
     chosen = path or os.environ.get(ENV_VAR) or default
     if chosen not in PATHS:
-        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {chosen!r}")
+        source = "path" if path else ENV_VAR
+        raise ValueError(f"{source} must be one of {', '.join(PATHS)}, got {chosen!r}")
     if chosen == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton path needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
     return chosen
