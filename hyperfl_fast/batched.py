@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .config import Config
+from .config import DP_METHODS, Config
+from .dp import ClientPrivacy, noise_generator, per_example_grads, private_gradient
 from .data import apply_crop_flip, draw_crop_flip
 from .federation import ClientData, ClientResult, make_generator
 from .models import CNNSpec, extract_features_batched, init_hyperfl, init_target_cnns, split_theta
@@ -121,10 +122,12 @@ class RoundSchedule:
             yield Batch(x, data.train_y[self.client_idx, rows[:, cols]], valid[:, cols], valid[:, cols].any(1))
 
 
-def client_results(cids: list[int], *per_client: torch.Tensor) -> list[ClientResult]:
+def client_results(cids: list[int], *per_client: torch.Tensor, epsilons: list[float] | None = None
+                   ) -> list[ClientResult]:
     """ClientResults from (N,) tensors (train loss, local and global accuracy), read to the host in one copy."""
     rows = torch.stack(per_client, 1).tolist()
-    return [ClientResult(c, *row) for c, row in zip(cids, rows)]
+    return [ClientResult(c, *row, epsilon=None if epsilons is None else e)
+            for c, row, e in zip(cids, rows, epsilons or [None] * len(cids))]
 
 
 def client_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -363,17 +366,25 @@ class HyperFLBatched:
 # --------------------------------------------------------------------------- baselines
 
 class CNNBatched:
-    """``local`` and ``fedavg``: full per-client CNNs trained in lockstep as stacked tensors."""
+    """``local``, ``fedavg`` and ``dp-fedavg``: full per-client CNNs trained in lockstep as stacked tensors.
+
+    ``dp-fedavg`` trains with record-level DP-SGD: every sample's gradient of
+    every client at once (``torch.func``), clipped and noised as in
+    :func:`hyperfl_fast.dp.private_gradient`, with the reference's keyed noise.
+    """
 
     progress_unit = "epoch"
 
     def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
         self.method = cfg.method
-        count = 1 if cfg.method == "fedavg" else len(clients)
+        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
+                                     cfg.rounds, cfg.local_epochs) if cfg.method in DP_METHODS else None
+        count = len(clients) if cfg.method == "local" else 1
         models = init_target_cnns(spec, count, device, shared=cfg.client_init == "shared")
-        # fedavg: the global model (1, ...); local: every client's model (Nc, ...)
+        # fedavg, dp-fedavg: the global model (1, ...); local: every client's model (Nc, ...)
         self.params = {k: torch.stack([m.state_dict()[k] for m in models]) for k in models[0].state_dict()}
+        self.template = models[0].to("meta")  # the module per-example gradients are taken through (no data)
 
     def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         feats = extract_features_batched(x, params, self.spec)
@@ -383,7 +394,7 @@ class CNNBatched:
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
         cfg, n = self.cfg, len(sampled)
         idx = torch.tensor(sampled, device=self.data.train_y.device)
-        if self.method == "fedavg":  # every client receives the global model
+        if self.method != "local":  # every client receives the global model
             params = {k: t.expand(n, *t.shape[1:]).clone() for k, t in self.params.items()}
         else:
             params = {k: t[idx].clone() for k, t in self.params.items()}
@@ -391,15 +402,25 @@ class CNNBatched:
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs))
         for epoch in progress(range(cfg.local_epochs)):
             loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
-            for batch in schedule.batches(epoch):
-                leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
-                losses = client_losses(self.logits(batch.x, leaves), batch)
-                sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
+            for step, batch in enumerate(schedule.batches(epoch)):
+                if self.privacy is not None:
+                    with torch.no_grad():
+                        losses = client_losses(self.logits(batch.x, params), batch)
+                    per_example = per_example_grads(self.template, params, F.cross_entropy, batch.x, batch.y,
+                                                    clients=True)  # (N, B, *shape)
+                    noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in sampled]
+                    grads = private_gradient(per_example, batch.valid, cfg.dp_clip,
+                                             [self.privacy.sigmas[c] for c in sampled], noise)
+                    sgd.step(list(grads.values()), batch.active)
+                else:
+                    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+                    losses = client_losses(self.logits(batch.x, leaves), batch)
+                    sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
                 loss_sum += losses.detach() * batch.active
                 loss_count += batch.active
         train_loss = loss_sum / loss_count
         local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, params))
-        if self.method == "fedavg":  # upload the whole model; the server averages by data size
+        if self.method != "local":  # upload the whole model; the server averages by data size
             weights = self.data.num_train[idx].to(self.data.train_x.dtype)
             weights = weights / weights.sum()
             self.params = {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in params.items()}
@@ -409,13 +430,16 @@ class CNNBatched:
             for k, t in params.items():
                 self.params[k][idx] = t
             global_acc = local_acc
-        return client_results(sampled, train_loss, local_acc, global_acc)
+        epsilons = self.privacy.record_round(sampled) if self.privacy is not None else None
+        return client_results(sampled, train_loss, local_acc, global_acc, epsilons=epsilons)
 
     def state_dict(self) -> dict:
-        return {"params": self.params}
+        return {"params": self.params, **({"privacy": self.privacy.state_dict()} if self.privacy else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.params = {k: t.clone() for k, t in state["params"].items()}
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
 
 def build_batched(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):

@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-METHODS = ("hyperfl", "fedavg", "local")
+METHODS = ("hyperfl", "fedavg", "local", "dp-fedavg")
+DP_METHODS = ("dp-fedavg",)
 # The figure the paper reports per method: the mean local accuracy (each client's own trained model on its
 # test split) for personalised methods, the global model's accuracy for non-personalised ones (FedAvg).
-HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc"}
+HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc", "dp-fedavg": "global_acc"}
 HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-model accuracy"}
 ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
@@ -27,6 +28,9 @@ RANGES = {
     "momentum": (0.0, 1.0, True, False),
     "weight_decay": (0.0, 1.0, True, False),
     "grad_clip": (0.0, math.inf, False, False),
+    "epsilon": (0.0, math.inf, False, False),
+    "delta": (0.0, 1.0, False, False),
+    "dp_clip": (0.0, math.inf, False, False),
 }
 
 
@@ -55,6 +59,9 @@ class Config:
     momentum: float = 0.5
     weight_decay: float = 5e-4
     grad_clip: float = 50.0  # hyperfl: max grad norm, separately for hypernetwork and embedding
+    epsilon: float = 4.0  # DP methods: the target privacy budget over the whole run (the authors' setting)
+    delta: float = 1e-5
+    dp_clip: float = 0.04  # DP methods: per-example gradient norm bound C
     embed_dim: int = 64
     hidden_dim: int = 128
     # "shared": every client starts from one embedding/classifier (or, for local, one CNN) draw, as the

@@ -15,10 +15,15 @@ dimension; ``valid`` (B,) or (N, B) marks real rows of padded batches.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap
+
+from .federation import make_generator
+
+NOISE_STREAM = -2  # the last key of a DP noise generator: (seed, round, client, epoch, step, NOISE_STREAM)
 
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, epochs: int) -> float:
@@ -77,12 +82,13 @@ def per_example_grads(model: torch.nn.Module, params: dict[str, torch.Tensor],
     return vmap(per_sample, in_dims=(0, 0, 0))(params, x, y) if clients else per_sample(params, x, y)
 
 
-def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, clip: float, sigma: float,
-                     generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, clip: float,
+                     sigma: float | list[float], generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
     """DP-SGD's gradient: sum of per-sample gradients clipped to ``clip``, plus N(0, (sigma clip)^2), over B.
 
-    ``valid`` (B,) or (N, B); ``generators`` one CPU generator per client (one
-    without a client dimension): client n's noise is drawn from generators[n],
+    ``valid`` (B,) or (N, B); ``sigma`` one noise multiplier, or one per client;
+    ``generators`` one CPU generator per client (one without a client
+    dimension): client n's noise is drawn from generators[n],
     tensor by tensor in the order of ``per_example``, so any engine that keys
     them alike draws the same noise.
     """
@@ -97,5 +103,43 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
         shape = summed.shape[1:] if clients else summed.shape
         noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators]) if clients else \
             torch.randn(shape, generator=generators[0])
-        out[name] = (summed + sigma * clip * noise.to(summed)) / count.view(*count.shape, *[1] * len(shape))
+        std = clip * torch.as_tensor(sigma, dtype=summed.dtype, device=summed.device)
+        std = std.view(*std.shape, *[1] * len(shape))  # per client: (N, 1, ...)
+        out[name] = (summed + std * noise.to(summed)) / count.view(*count.shape, *[1] * len(shape))
     return out
+
+
+def noise_generator(seed: int, round_idx: int, client: int, epoch: int, step: int) -> torch.Generator:
+    """The CPU generator of one client's DP noise at one step, keyed so every engine draws the same noise."""
+    return make_generator(seed, round_idx, client, epoch, step, NOISE_STREAM)
+
+
+class ClientPrivacy:
+    """Every client's noise multiplier and privacy accountant, as the DP-SGD methods keep them.
+
+    A client with n samples and batch size B samples at rate min(B, n) / n and
+    takes ceil(n / B) noisy steps per epoch; its sigma is what spends
+    (epsilon, delta) over ``rounds * local_epochs`` epochs (the authors' setting).
+    """
+
+    def __init__(self, sizes: list[int], batch_size: int, epsilon: float, delta: float, rounds: int,
+                 local_epochs: int):
+        self.delta, self.local_epochs = delta, local_epochs
+        self.steps_per_epoch = [math.ceil(n / batch_size) for n in sizes]
+        rates = [min(batch_size, n) / n for n in sizes]
+        by_rate = {rate: noise_multiplier(epsilon, delta, rate, rounds * local_epochs) for rate in set(rates)}
+        self.sigmas = [by_rate[rate] for rate in rates]
+        self.accountants = [PrivacyAccountant(sigma, rate) for sigma, rate in zip(self.sigmas, rates)]
+
+    def record_round(self, cids: list[int]) -> list[float]:
+        """Account for one round of local training of ``cids``; returns each one's epsilon spent so far."""
+        for c in cids:
+            self.accountants[c].step(self.steps_per_epoch[c] * self.local_epochs)
+        return [self.accountants[c].epsilon(self.delta) for c in cids]
+
+    def state_dict(self) -> dict:
+        return {"accountants": [a.state_dict() for a in self.accountants]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for accountant, saved in zip(self.accountants, state["accountants"]):
+            accountant.load_state_dict(saved)

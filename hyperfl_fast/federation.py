@@ -98,3 +98,4 @@ class ClientResult:
     train_loss: float  # mean loss of the last local epoch
     local_acc: float  # test accuracy of the locally trained model
     global_acc: float  # test accuracy with the new global model (HyperFL: global hypernetwork)
+    epsilon: float | None = None  # DP methods: the privacy spent so far (Opacus' RDP accountant, at --delta)

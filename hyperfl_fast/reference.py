@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
+from .dp import ClientPrivacy, noise_generator
 from .federation import ClientData, ClientResult, accuracy, weighted_average
 from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, init_hyperfl, init_target_cnns
 
@@ -173,13 +174,17 @@ class FedAvgReference:
         for cid in progress(sampled):
             data = self.clients[cid]
             model = copy.deepcopy(self.model)  # receive the global model
-            loss = train_full_model(model, data, self.cfg, round_idx)
+            loss = self.train_client(model, cid, round_idx)
             local.append((cid, loss, accuracy(model, data.test_x, data.test_y)))
             uploads.append({k: t.detach().clone() for k, t in model.state_dict().items()})
             weights.append(data.num_train)
         self.model.load_state_dict(weighted_average(uploads, weights))
         return [ClientResult(cid, loss, acc, accuracy(self.model, self.clients[cid].test_x, self.clients[cid].test_y))
                 for cid, loss, acc in local]
+
+    def train_client(self, model: TargetCNN, cid: int, round_idx: int) -> float:
+        """Local training of one client's copy of the global model; returns its last epoch's mean loss."""
+        return train_full_model(model, self.clients[cid], self.cfg, round_idx)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict()}
@@ -188,7 +193,64 @@ class FedAvgReference:
         self.model.load_state_dict(state["model"])
 
 
-ENGINES = {"hyperfl": HyperFLReference, "fedavg": FedAvgReference, "local": LocalReference}
+# --------------------------------------------------------------------------- DP baselines
+
+def dp_sgd_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                clip: float, sigma: float, generator: torch.Generator) -> None:
+    """One record-level DP-SGD step the authors' way: a backward pass per sample, each gradient clipped to
+    ``clip``, their sum plus N(0, (sigma clip)^2) noise divided by the batch size, then the optimizer's step."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for xi, yi in zip(x, y):
+        grads = torch.autograd.grad(F.cross_entropy(model(xi[None]), yi[None]), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)
+        for t, g in zip(total, grads):
+            t.add_(g * scale)
+    for p, t in zip(params, total):
+        p.grad = (t + sigma * clip * torch.randn(t.shape, generator=generator).to(t)) / len(y)
+    optimizer.step()
+
+
+class DPFedAvgReference(FedAvgReference):
+    """DP-FedAvg: FedAvg whose clients train the whole CNN with record-level DP-SGD and upload it."""
+
+    method = "dp-fedavg"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        super().__init__(spec, clients, cfg, device)
+        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
+                                     cfg.rounds, cfg.local_epochs)
+
+    def train_client(self, model: TargetCNN, cid: int, round_idx: int) -> float:
+        cfg, data = self.cfg, self.clients[cid]
+        optimizer = sgd(model.parameters(), cfg, cfg.lr)
+        for epoch in range(cfg.local_epochs):
+            losses = []
+            for step, (x, y) in enumerate(data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)):
+                with torch.no_grad():
+                    losses.append(F.cross_entropy(model(x), y).item())
+                dp_sgd_step(model, optimizer, x, y, cfg.dp_clip, self.privacy.sigmas[cid],
+                            noise_generator(cfg.seed, round_idx, cid, epoch, step))
+        return sum(losses) / len(losses)
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        results = super().run_round(round_idx, sampled, progress)
+        for result, epsilon in zip(results, self.privacy.record_round(sampled)):
+            result.epsilon = epsilon
+        return results
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "privacy": self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.privacy.load_state_dict(state["privacy"])
+
+
+ENGINES = {"hyperfl": HyperFLReference, "fedavg": FedAvgReference, "local": LocalReference,
+           "dp-fedavg": DPFedAvgReference}
 
 
 def build_reference(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):

@@ -175,12 +175,14 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         n = len(results)
         accs = {"local_acc": sum(r.local_acc for r in results) / n,
                 "global_acc": sum(r.global_acc for r in results) / n}
+        epsilons = [r.epsilon for r in results if r.epsilon is not None]
         record = {
             "round": round_idx + 1,
             "train_loss": sum(r.train_loss for r in results) / n,
             **accs,
             "headline_acc": accs[HEADLINE[cfg.method]],  # the figure the paper reports for this method
             "seconds": seconds,
+            **({"epsilon": max(epsilons)} if epsilons else {}),  # DP methods: the most any client has spent
             "clients": [vars(r) for r in results],
         }
         problem = _non_finite(record, engine)
@@ -195,5 +197,6 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         save_checkpoint(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": rounds})
         _write_metrics(out, cfg, rounds)
         log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
-            f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | {seconds:6.1f} s")
+            f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | "
+            + (f"epsilon {record['epsilon']:.3f} | " if epsilons else "") + f"{seconds:6.1f} s")
     return RunResult(cfg, rounds, out)

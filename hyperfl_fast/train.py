@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="hyperfl gradient-norm clip")
+    p.add_argument("--epsilon", type=float, default=d.epsilon,
+                   help="DP methods: target epsilon over the whole run (sigma is derived with Opacus)")
+    p.add_argument("--delta", type=float, default=d.delta, help="DP methods: target delta")
+    p.add_argument("--dp-clip", type=float, default=d.dp_clip, help="DP methods: per-example gradient norm bound")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="client embedding size")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hypernetwork hidden size")
     p.add_argument("--client-init", default=d.client_init,
