@@ -41,7 +41,8 @@ from .config import DP_METHODS, Config
 from .dp import ClientPrivacy, noise_generator, per_example_grads, private_gradient
 from .data import apply_crop_flip, draw_crop_flip
 from .federation import ClientData, ClientResult, make_generator
-from .models import CNNSpec, extract_features_batched, init_hyperfl, init_target_cnns, split_theta
+from .models import (CNNSpec, TargetCNN, extract_features_batched, init_hyperfl, init_private_classifiers,
+                     init_target_cnns, split_theta)
 
 
 # --------------------------------------------------------------------------- data and schedules
@@ -442,9 +443,97 @@ class CNNBatched:
             self.privacy.load_state_dict(state["privacy"])
 
 
+class RepresentationDPBatched:
+    """``ppsgd`` and ``centaur`` in lockstep (the same results as the reference's ``RepresentationDPReference``).
+
+    The global representation (conv layers and fc1) is stacked (N, ...) for the
+    round's clients; each client's private classifier (Nc, K, D) stays in this
+    engine's store.  DP-SGD steps take every sample's gradient of the
+    representation at once, with the classifier frozen.
+    """
+
+    progress_unit = "epoch"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.cfg, self.data, self.method = spec, cfg, StackedData(clients), cfg.method
+        model = TargetCNN(spec).to(device)
+        heads = init_private_classifiers(model, len(clients), shared=cfg.client_init == "shared")
+        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
+                                     cfg.rounds, cfg.local_epochs)
+        self.feature_keys = [name for name, _ in spec.feature_shapes()]
+        self.representation = {k: model.state_dict()[k].unsqueeze(0) for k in self.feature_keys}  # (1, ...)
+        # private, never uploaded: (Nc, K, D), (Nc, K)
+        self.classifier = {"fc2.weight": torch.stack([h.weight.detach() for h in heads]),
+                           "fc2.bias": torch.stack([h.bias.detach() for h in heads])}
+        self.template = model.to("meta")
+
+    def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return classify(extract_features_batched(x, params, self.spec), params["fc2.weight"], params["fc2.bias"])
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        cfg, n = self.cfg, len(sampled)
+        idx = torch.tensor(sampled, device=self.data.train_y.device)
+        features = {k: t.expand(n, *t.shape[1:]).clone() for k, t in self.representation.items()}
+        head = {k: t[idx].clone() for k, t in self.classifier.items()}
+        classifier_sgd = StackedSGD(list(head.values()), cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
+        feature_sgd = StackedSGD(list(features.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
+        sigmas = [self.privacy.sigmas[c] for c in sampled]
+        centaur = self.method == "centaur"
+        epochs = range(1, cfg.local_epochs + 1) if centaur else range(cfg.local_epochs)
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx,
+                                 range(cfg.local_epochs + 1) if centaur else epochs)
+
+        def classifier_step(batch: Batch) -> None:
+            leaves = {k: t.clone().requires_grad_() for k, t in head.items()}
+            losses = client_losses(self.logits(batch.x, {**features, **leaves}), batch)
+            classifier_sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
+
+        if centaur:  # the classifier epoch, on the received representation
+            for batch in schedule.batches(0):
+                classifier_step(batch)
+        for epoch in progress(epochs):
+            loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+            for step, batch in enumerate(schedule.batches(epoch)):
+                with torch.no_grad():
+                    losses = client_losses(self.logits(batch.x, {**features, **head}), batch)
+                if not centaur:
+                    classifier_step(batch)
+                per_example = per_example_grads(self.template, features, F.cross_entropy, batch.x, batch.y,
+                                                clients=True, frozen=head)  # (N, B, *shape)
+                noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in sampled]
+                grads = private_gradient(per_example, batch.valid, cfg.dp_clip, sigmas, noise)
+                feature_sgd.step(list(grads.values()), batch.active)
+                loss_sum += losses * batch.active
+                loss_count += batch.active
+        train_loss = loss_sum / loss_count
+        local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, {**features, **head}))
+
+        # upload the representation only; the server averages it by data size; classifiers stay private
+        weights = self.data.num_train[idx].to(self.data.train_x.dtype)
+        weights = weights / weights.sum()
+        self.representation = {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in features.items()}
+        for k, t in head.items():
+            self.classifier[k][idx] = t
+        shared = {k: t.expand(n, *t.shape[1:]) for k, t in self.representation.items()}
+        global_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, {**shared, **head}))
+        return client_results(sampled, train_loss, local_acc, global_acc, epsilons=self.privacy.record_round(sampled))
+
+    def state_dict(self) -> dict:
+        return {"representation": self.representation, "classifier": self.classifier,
+                "privacy": self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.representation = {k: t.clone() for k, t in state["representation"].items()}
+        self.classifier = {k: t.clone() for k, t in state["classifier"].items()}
+        self.privacy.load_state_dict(state["privacy"])
+
+
 def build_batched(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
     """The batched engine for ``cfg.method``; seeds model initialisation with ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     if cfg.method == "hyperfl":
         return HyperFLBatched(spec, clients, cfg, device)
+    if cfg.method in ("ppsgd", "centaur"):
+        return RepresentationDPBatched(spec, clients, cfg, device)
     return CNNBatched(spec, clients, cfg, device)

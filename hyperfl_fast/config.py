@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-METHODS = ("hyperfl", "fedavg", "local", "dp-fedavg")
-DP_METHODS = ("dp-fedavg",)
+METHODS = ("hyperfl", "fedavg", "local", "dp-fedavg", "ppsgd", "centaur")
+DP_METHODS = ("dp-fedavg", "ppsgd", "centaur")
 # The figure the paper reports per method: the mean local accuracy (each client's own trained model on its
 # test split) for personalised methods, the global model's accuracy for non-personalised ones (FedAvg).
-HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc", "dp-fedavg": "global_acc"}
+HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc", "dp-fedavg": "global_acc",
+            "ppsgd": "local_acc", "centaur": "local_acc"}
 HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-model accuracy"}
 ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
@@ -55,7 +56,7 @@ class Config:
     local_epochs: int = 5
     batch_size: int = 50
     lr: float = 0.02  # hypernetwork + embedding (hyperfl), whole model (fedavg, local)
-    classifier_lr: float = 0.1  # hyperfl's classifier phase
+    classifier_lr: float = 0.1  # the non-private classifier steps of hyperfl, ppsgd and centaur
     momentum: float = 0.5
     weight_decay: float = 5e-4
     grad_clip: float = 50.0  # hyperfl: max grad norm, separately for hypernetwork and embedding

@@ -69,17 +69,22 @@ class PrivacyAccountant:
 
 def per_example_grads(model: torch.nn.Module, params: dict[str, torch.Tensor],
                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                      y: torch.Tensor, clients: bool = False) -> dict[str, torch.Tensor]:
+                      y: torch.Tensor, clients: bool = False,
+                      frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Each sample's gradient of ``loss_fn(model(x_i), y_i)`` w.r.t. ``params``, vectorised.
 
     Without clients: params as the module's shapes, x (B, ...), y (B,) -> (B, *shape).
     With ``clients=True``: params (N, *shape), x (N, B, ...), y (N, B) -> (N, B, *shape).
+    ``frozen``: the module's other tensors (same layout), used but not differentiated.
     """
-    def sample_loss(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+    def sample_loss(p, fixed, xi, yi):
+        return loss_fn(functional_call(model, {**p, **fixed}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    return vmap(per_sample, in_dims=(0, 0, 0))(params, x, y) if clients else per_sample(params, x, y)
+    frozen = frozen or {}
+    per_sample = vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
+    if clients:
+        return vmap(per_sample, in_dims=(0, 0, 0, 0))(params, frozen, x, y)
+    return per_sample(params, frozen, x, y)
 
 
 def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, clip: float,

@@ -217,3 +217,12 @@ def init_target_cnns(spec: CNNSpec, count: int, device: torch.device, shared: bo
         first = TargetCNN(spec).to(device)
         return [first] + [copy.deepcopy(first) for _ in range(count - 1)]
     return [TargetCNN(spec).to(device) for _ in range(count)]
+
+
+def init_private_classifiers(model: TargetCNN, num_clients: int, shared: bool = True) -> list[nn.Linear]:
+    """Every client's private classifier for a shared-representation method: copies of ``model``'s own
+    classifier (``shared``, as the authors' deep copies) or fresh draws."""
+    if shared:
+        return [copy.deepcopy(model.fc2) for _ in range(num_clients)]
+    return [nn.Linear(model.spec.hidden, model.spec.num_classes).to(model.fc2.weight.device)
+            for _ in range(num_clients)]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .config import Config
 from .dp import ClientPrivacy, noise_generator
 from .federation import ClientData, ClientResult, accuracy, weighted_average
-from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, init_hyperfl, init_target_cnns
+from .models import (CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, init_hyperfl, init_private_classifiers,
+                     init_target_cnns)
 
 
 def sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
@@ -195,11 +196,10 @@ class FedAvgReference:
 
 # --------------------------------------------------------------------------- DP baselines
 
-def dp_sgd_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                clip: float, sigma: float, generator: torch.Generator) -> None:
-    """One record-level DP-SGD step the authors' way: a backward pass per sample, each gradient clipped to
-    ``clip``, their sum plus N(0, (sigma clip)^2) noise divided by the batch size, then the optimizer's step."""
-    params = list(model.parameters())
+def dp_sgd_step(model: TargetCNN, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                y: torch.Tensor, clip: float, sigma: float, generator: torch.Generator) -> None:
+    """One record-level DP-SGD step on ``params`` the authors' way: a backward pass per sample, each gradient
+    clipped to ``clip``, their sum plus N(0, (sigma clip)^2) noise divided by the batch size, then the step."""
     total = [torch.zeros_like(p) for p in params]
     for xi, yi in zip(x, y):
         grads = torch.autograd.grad(F.cross_entropy(model(xi[None]), yi[None]), params)
@@ -230,7 +230,7 @@ class DPFedAvgReference(FedAvgReference):
             for step, (x, y) in enumerate(data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)):
                 with torch.no_grad():
                     losses.append(F.cross_entropy(model(x), y).item())
-                dp_sgd_step(model, optimizer, x, y, cfg.dp_clip, self.privacy.sigmas[cid],
+                dp_sgd_step(model, list(model.parameters()), optimizer, x, y, cfg.dp_clip, self.privacy.sigmas[cid],
                             noise_generator(cfg.seed, round_idx, cid, epoch, step))
         return sum(losses) / len(losses)
 
@@ -249,8 +249,89 @@ class DPFedAvgReference(FedAvgReference):
         self.privacy.load_state_dict(state["privacy"])
 
 
+def classifier_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A non-private SGD step of the classifier alone (``optimizer`` holds only its parameters)."""
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+class RepresentationDPReference:
+    """PPSGD and CENTAUR: a shared representation trained with DP-SGD, a private classifier per client.
+
+    - ``ppsgd``: at every batch a non-private classifier step (lr ``classifier_lr``),
+      then a DP-SGD step of the representation;
+    - ``centaur``: one non-private classifier epoch, then ``local_epochs`` of
+      DP-SGD on the representation with the classifier frozen.
+    Only the representation (conv layers and fc1) is uploaded and averaged.
+    """
+
+    progress_unit = "client"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.clients, self.cfg, self.method = spec, clients, cfg, cfg.method
+        self.model = TargetCNN(spec).to(device)  # the global representation (its fc2 is never used)
+        self.classifiers = init_private_classifiers(self.model, len(clients), shared=cfg.client_init == "shared")
+        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
+                                     cfg.rounds, cfg.local_epochs)
+        self.feature_keys = [name for name, _ in spec.feature_shapes()]
+
+    def client_model(self, cid: int, representation: TargetCNN) -> TargetCNN:
+        model = copy.deepcopy(representation)
+        model.fc2.load_state_dict(self.classifiers[cid].state_dict())
+        return model
+
+    def train_client(self, model: TargetCNN, cid: int, round_idx: int) -> float:
+        cfg, data = self.cfg, self.clients[cid]
+        features = [p for name, p in model.named_parameters() if name in self.feature_keys]
+        classifier_sgd = sgd(model.fc2.parameters(), cfg, cfg.classifier_lr)
+        feature_sgd = sgd(features, cfg, cfg.lr)
+        sigma = self.privacy.sigmas[cid]
+        if self.method == "centaur":  # the classifier epoch, on the received representation
+            for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, 0):
+                classifier_step(model, classifier_sgd, x, y)
+        epochs = range(1, cfg.local_epochs + 1) if self.method == "centaur" else range(cfg.local_epochs)
+        for epoch in epochs:
+            losses = []
+            for step, (x, y) in enumerate(data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)):
+                with torch.no_grad():
+                    losses.append(F.cross_entropy(model(x), y).item())
+                if self.method == "ppsgd":
+                    classifier_step(model, classifier_sgd, x, y)
+                dp_sgd_step(model, features, feature_sgd, x, y, cfg.dp_clip, sigma,
+                            noise_generator(cfg.seed, round_idx, cid, epoch, step))
+        return sum(losses) / len(losses)
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        uploads, weights, local = [], [], []
+        for cid in progress(sampled):
+            data = self.clients[cid]
+            model = self.client_model(cid, self.model)  # the global representation, the private classifier
+            loss = self.train_client(model, cid, round_idx)
+            local.append((cid, loss, accuracy(model, data.test_x, data.test_y)))
+            self.classifiers[cid].load_state_dict(model.fc2.state_dict())  # stays with the client
+            uploads.append({k: t.detach().clone() for k, t in model.state_dict().items() if k in self.feature_keys})
+            weights.append(data.num_train)
+        self.model.load_state_dict(weighted_average(uploads, weights), strict=False)
+        epsilons = self.privacy.record_round(sampled)
+        return [ClientResult(cid, loss, acc, accuracy(self.client_model(cid, self.model), self.clients[cid].test_x,
+                                                      self.clients[cid].test_y), eps)
+                for (cid, loss, acc), eps in zip(local, epsilons)]
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "classifiers": [c.state_dict() for c in self.classifiers],
+                "privacy": self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for classifier, saved in zip(self.classifiers, state["classifiers"]):
+            classifier.load_state_dict(saved)
+        self.privacy.load_state_dict(state["privacy"])
+
+
 ENGINES = {"hyperfl": HyperFLReference, "fedavg": FedAvgReference, "local": LocalReference,
-           "dp-fedavg": DPFedAvgReference}
+           "dp-fedavg": DPFedAvgReference, "ppsgd": RepresentationDPReference, "centaur": RepresentationDPReference}
 
 
 def build_reference(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
