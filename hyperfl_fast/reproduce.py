@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import check_writable, write_json
-from .config import HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
+from .config import DP_METHODS, HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
 from .data import DATASETS, DatasetError, dataset_present
 from .runner import RESUME_MAY_CHANGE, TrainingDiverged, run
 
@@ -64,6 +64,8 @@ def finished_rounds(out: Path, cfg: Config) -> list[dict] | None:
     except (OSError, ValueError):
         return None
     same = all(saved["config"].get(k) == v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE)
+    if cfg.method in DP_METHODS:  # their noise follows from the total rounds: only the same run will do
+        same = same and saved["config"].get("rounds") == cfg.rounds
     if same and len(saved["rounds"]) >= cfg.rounds:
         return saved["rounds"][:cfg.rounds]  # every draw is keyed by round: a longer run's prefix is this run
     return None

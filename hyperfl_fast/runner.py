@@ -19,7 +19,7 @@ import torch
 from . import ops
 from .batched import build_batched
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint, write_csv, write_json
-from .config import HEADLINE, HEADLINE_NAMES, Config, ConfigError
+from .config import DP_METHODS, HEADLINE, HEADLINE_NAMES, Config, ConfigError
 from .data import load_dataset
 from .federation import build_clients, sample_clients
 from .models import cnn_spec
@@ -81,6 +81,10 @@ def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings ({', '.join(changed)}); "
                           "use the same flags or another --output-dir")
+    if cfg.method in DP_METHODS and saved.get("rounds") != cfg.rounds:
+        raise ConfigError(f"--resume: {path} was written with --rounds {saved.get('rounds')}, and {cfg.method} "
+                          "derives its noise from the rounds (the privacy budget covers the whole run); resume "
+                          "with the same --rounds")
 
 
 def _write_metrics(out: Path, cfg: Config, rounds: list[dict]) -> None:

@@ -94,3 +94,13 @@ def test_dp_flags_are_checked(tmp_path, capsys):
                            (["--dp-clip", "nan"], "--dp-clip must be a finite number in (0, inf)")):
         assert main(["--dataset", "synthetic", "--method", "dp-fedavg", *flags, "--output-dir", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_resuming_a_dp_run_with_other_rounds_is_refused(tiny_config, tmp_path):
+    from hyperfl_fast.config import ConfigError
+
+    cfg = dataclasses.replace(tiny_config, method="dp-fedavg", rounds=1, output_dir=str(tmp_path))
+    run(cfg, log=lambda _: None)
+    with pytest.raises(ConfigError, match="derives its noise from the rounds"):
+        run(dataclasses.replace(cfg, rounds=2), resume=True, log=lambda _: None)
+    assert len(run(cfg, resume=True, log=lambda _: None).rounds) == 1  # the same --rounds reads it back
