@@ -27,6 +27,15 @@ def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed
 
 
 @pytest.fixture
+def float64():
+    """Run a test with float64 as the default dtype (engine comparisons to 1e-9), then restore it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
 def tiny_config():
     return Config(dataset="synthetic", clients=4, local_epochs=1, batch_size=20, local_size=60, test_size=40,
                   rounds=2, device="cpu")

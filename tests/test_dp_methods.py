@@ -17,14 +17,6 @@ from hyperfl_fast.runner import run
 from conftest import small_federation
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("method", ["dp-fedavg", "ppsgd", "centaur"])
 def test_batched_dp_methods_equal_the_reference_loop(method, float64):
     """Per-sample backward passes (reference) vs vmap'd per-example gradients (batched), same keyed noise."""

@@ -21,14 +21,6 @@ from hyperfl_fast.reference import build_reference
 from conftest import DEVICE, small_federation
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def federation(in_channels, sizes):
     """Synthetic clients in float64, client i keeping the first sizes[i] training samples."""
     _, clients = small_federation(in_channels, clients=len(sizes), local_size=max(sizes))
