@@ -252,6 +252,18 @@ class FactoredHeads:
         return self.alpha[n] * self.w0 + (self.u[n, :s] * self.beta[n, :s, None]).t() @ self.v[n, :s]
 
 
+def private_step_grads(template: torch.nn.Module, trainable: dict[str, torch.Tensor], batch: Batch, cfg: Config,
+                       privacy: ClientPrivacy, cids: list[int], round_idx: int, epoch: int, step: int,
+                       frozen: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """One DP-SGD step's gradients of ``trainable`` (N, *shape) for all clients: every sample's gradient at once,
+    clipped and noised with each client's sigma and the reference's keyed noise (see :mod:`hyperfl_fast.dp`)."""
+    per_example = per_example_grads(template, trainable, F.cross_entropy, batch.x, batch.y, clients=True,
+                                    frozen=frozen)  # (N, B, *shape)
+    noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in cids]
+    grads = private_gradient(per_example, batch.valid, cfg.dp_clip, [privacy.sigmas[c] for c in cids], noise)
+    return list(grads.values())
+
+
 # --------------------------------------------------------------------------- HyperFL
 
 class HyperFLBatched:
@@ -407,12 +419,9 @@ class CNNBatched:
                 if self.privacy is not None:
                     with torch.no_grad():
                         losses = client_losses(self.logits(batch.x, params), batch)
-                    per_example = per_example_grads(self.template, params, F.cross_entropy, batch.x, batch.y,
-                                                    clients=True)  # (N, B, *shape)
-                    noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in sampled]
-                    grads = private_gradient(per_example, batch.valid, cfg.dp_clip,
-                                             [self.privacy.sigmas[c] for c in sampled], noise)
-                    sgd.step(list(grads.values()), batch.active)
+                    grads = private_step_grads(self.template, params, batch, cfg, self.privacy, sampled,
+                                               round_idx, epoch, step)
+                    sgd.step(grads, batch.active)
                 else:
                     leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
                     losses = client_losses(self.logits(batch.x, leaves), batch)
@@ -478,7 +487,6 @@ class RepresentationDPBatched:
         head = {k: t[idx].clone() for k, t in self.classifier.items()}
         classifier_sgd = StackedSGD(list(head.values()), cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
         feature_sgd = StackedSGD(list(features.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
-        sigmas = [self.privacy.sigmas[c] for c in sampled]
         centaur = self.method == "centaur"
         epochs = range(1, cfg.local_epochs + 1) if centaur else range(cfg.local_epochs)
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx,
@@ -499,11 +507,9 @@ class RepresentationDPBatched:
                     losses = client_losses(self.logits(batch.x, {**features, **head}), batch)
                 if not centaur:
                     classifier_step(batch)
-                per_example = per_example_grads(self.template, features, F.cross_entropy, batch.x, batch.y,
-                                                clients=True, frozen=head)  # (N, B, *shape)
-                noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in sampled]
-                grads = private_gradient(per_example, batch.valid, cfg.dp_clip, sigmas, noise)
-                feature_sgd.step(list(grads.values()), batch.active)
+                grads = private_step_grads(self.template, features, batch, cfg, self.privacy, sampled, round_idx,
+                                           epoch, step, frozen=head)
+                feature_sgd.step(grads, batch.active)
                 loss_sum += losses * batch.active
                 loss_count += batch.active
         train_loss = loss_sum / loss_count
