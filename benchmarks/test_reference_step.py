@@ -9,7 +9,8 @@ import torch
 
 from hyperfl_fast.config import Config
 from hyperfl_fast.models import GeneratedCNN, HyperNetwork, cnn_spec
-from hyperfl_fast.reference import hypernet_step, sgd
+from hyperfl_fast.methods.base import sgd
+from hyperfl_fast.methods.hyperfl import hypernet_step
 
 @pytest.mark.benchmark(group="hypernet-step")
 def test_reference_hypernet_step(benchmark):

@@ -204,6 +204,11 @@ DATASETS = {
 }
 
 
+# (image channels, classes) of each dataset: enough to build its model without reading any data
+DATASET_SHAPES = {"fmnist": (1, 10), "emnist": (1, 62), "cifar10": (3, 10), "cinic10": (3, 10),
+                  "synthetic": (1, 10), "synthetic-rgb": (3, 10)}
+
+
 def dataset_present(name: str, data_dir: str | Path | None = None) -> bool:
     """Whether ``name``'s files are where its loader looks (a cheap check: nothing is read or validated)."""
     root = Path(data_dir or ".")

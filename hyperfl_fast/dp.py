@@ -114,6 +114,23 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
     return out
 
 
+def dp_sgd_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                x: torch.Tensor, y: torch.Tensor, clip: float, sigma: float, generator: torch.Generator) -> None:
+    """One DP-SGD step on ``params`` the authors' way, the per-client oracle of :func:`private_gradient`:
+    a backward pass per sample, each gradient clipped to ``clip``, their sum plus N(0, (sigma clip)^2) noise
+    (from ``generator``, tensor by tensor) divided by the batch size, then the optimizer's step."""
+    total = [torch.zeros_like(p) for p in params]
+    for xi, yi in zip(x, y):
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xi[None]), yi[None]), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)
+        for t, g in zip(total, grads):
+            t.add_(g * scale)
+    for p, t in zip(params, total):
+        p.grad = (t + sigma * clip * torch.randn(t.shape, generator=generator).to(t)) / len(y)
+    optimizer.step()
+
+
 def noise_generator(seed: int, round_idx: int, client: int, epoch: int, step: int) -> torch.Generator:
     """The CPU generator of one client's DP noise at one step, keyed so every engine draws the same noise."""
     return make_generator(seed, round_idx, client, epoch, step, NOISE_STREAM)

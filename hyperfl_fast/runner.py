@@ -17,15 +17,14 @@ from typing import Callable
 import torch
 
 from . import ops
-from .batched import build_batched
 from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint, write_csv, write_json
 from .config import DP_METHODS, HEADLINE, HEADLINE_NAMES, Config, ConfigError
 from .data import load_dataset
-from .federation import build_clients, sample_clients
+from .engines import build_engine
+from .federation import ClientResult, build_clients, sample_clients
 from .models import cnn_spec
 from .partition import partition
 from .progress import progress_bar
-from .reference import build_reference
 
 RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision"}
 # settings older checkpoints lack, with the behaviour those runs had
@@ -49,9 +48,11 @@ def output_dir_for(cfg: Config) -> Path:
     return Path(cfg.output_dir or f"runs/{cfg.dataset}-{cfg.method}")
 
 
-def prepare(cfg: Config, log: Callable[[str], None] = print):
-    """Load the data, partition it and build the engine (errors here come before any training)."""
-    device = cfg.torch_device()
+def load_partition(cfg: Config, log: Callable[[str], None] = print):
+    """Load ``cfg.dataset`` and split it over ``cfg.clients`` clients: (dataset, splits, model spec).
+
+    Deterministic in the settings, so every process (e.g. each Flower SuperNode) computes the same split.
+    """
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     local_size = cfg.local_size or dataset.local_size
     test_size = cfg.test_size or dataset.test_size
@@ -64,10 +65,14 @@ def prepare(cfg: Config, log: Callable[[str], None] = print):
     if cfg.batch_size > local_size:
         log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
             f"each epoch is one batch of {local_size}")
-    spec = cnn_spec(dataset.in_channels, dataset.num_classes)
-    clients = build_clients(dataset, splits, device)
-    build = build_batched if cfg.engine == "batched" else build_reference
-    return build(spec, clients, cfg, device), device
+    return dataset, splits, cnn_spec(dataset.in_channels, dataset.num_classes)
+
+
+def prepare(cfg: Config, log: Callable[[str], None] = print):
+    """Load the data, partition it and build the engine (errors here come before any training)."""
+    device = cfg.torch_device()
+    dataset, splits, spec = load_partition(cfg, log)
+    return build_engine(spec, build_clients(dataset, splits, device), cfg, device), device
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,11 +92,28 @@ def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
                           "with the same --rounds")
 
 
-def _write_metrics(out: Path, cfg: Config, rounds: list[dict]) -> None:
+def write_metrics(out: Path, cfg: Config, rounds: list[dict]) -> None:
+    """metrics.json (settings, headline, every round) and metrics.csv (one row per round) in ``out``."""
     headline = {"metric": HEADLINE[cfg.method], "name": HEADLINE_NAMES[HEADLINE[cfg.method]]}
     write_json(out / "metrics.json", {"config": cfg.to_dict(), "headline": headline, "rounds": rounds})
     columns = ["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"]
     write_csv(out / "metrics.csv", columns, [[r[c] for c in columns] for r in rounds])
+
+
+def round_record(cfg: Config, round_idx: int, results: list[ClientResult], seconds: float) -> dict:
+    """One round's entry of metrics.json: means over the round's clients, the headline figure, each client."""
+    n = len(results)
+    accs = {"local_acc": sum(r.local_acc for r in results) / n, "global_acc": sum(r.global_acc for r in results) / n}
+    epsilons = [r.epsilon for r in results if r.epsilon is not None]
+    return {
+        "round": round_idx + 1,
+        "train_loss": sum(r.train_loss for r in results) / n,
+        **accs,
+        "headline_acc": accs[HEADLINE[cfg.method]],  # the figure the paper reports for this method
+        "seconds": seconds,
+        **({"epsilon": max(epsilons)} if epsilons else {}),  # DP methods: the most any client has spent
+        "clients": [vars(r) for r in results],
+    }
 
 
 def _non_finite(record: dict, engine) -> str | None:
@@ -175,20 +197,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients, cfg.frac, cfg.seed, round_idx)
         results = engine.run_round(round_idx, sampled, progress_bar(f"round {round_idx + 1}", engine.progress_unit))
-        seconds = time.perf_counter() - start
-        n = len(results)
-        accs = {"local_acc": sum(r.local_acc for r in results) / n,
-                "global_acc": sum(r.global_acc for r in results) / n}
-        epsilons = [r.epsilon for r in results if r.epsilon is not None]
-        record = {
-            "round": round_idx + 1,
-            "train_loss": sum(r.train_loss for r in results) / n,
-            **accs,
-            "headline_acc": accs[HEADLINE[cfg.method]],  # the figure the paper reports for this method
-            "seconds": seconds,
-            **({"epsilon": max(epsilons)} if epsilons else {}),  # DP methods: the most any client has spent
-            "clients": [vars(r) for r in results],
-        }
+        record = round_record(cfg, round_idx, results, time.perf_counter() - start)
         problem = _non_finite(record, engine)
         if problem:
             kept = f"{out} keeps rounds 1-{round_idx}" if round_idx else "no round was saved"
@@ -199,8 +208,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
                                    f"Try {advice}")
         rounds.append(record)
         save_checkpoint(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": rounds})
-        _write_metrics(out, cfg, rounds)
+        write_metrics(out, cfg, rounds)
         log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
             f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | "
-            + (f"epsilon {record['epsilon']:.3f} | " if epsilons else "") + f"{seconds:6.1f} s")
+            + (f"epsilon {record['epsilon']:.3f} | " if "epsilon" in record else "") + f"{record['seconds']:6.1f} s")
     return RunResult(cfg, rounds, out)

@@ -7,14 +7,14 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from hyperfl_fast.batched import build_batched
 from hyperfl_fast.config import Config
+from hyperfl_fast.engines import build_batched, build_reference
 from hyperfl_fast.federation import sample_clients
 from hyperfl_fast.models import cnn_spec
-from hyperfl_fast.reference import build_reference
 from hyperfl_fast.runner import run
 
 from conftest import small_federation
+from test_engine_equivalence import assert_same_states
 
 
 @pytest.mark.parametrize("method", ["dp-fedavg", "ppsgd", "centaur"])
@@ -35,14 +35,7 @@ def test_batched_dp_methods_equal_the_reference_loop(method, float64):
             assert b.train_loss == pytest.approx(a.train_loss, rel=1e-9)
             assert b.local_acc == a.local_acc and b.global_acc == a.global_acc
             assert b.epsilon == a.epsilon and a.epsilon > 0
-    ref, batched = engines
-    shared = batched.params if method == "dp-fedavg" else batched.representation
-    for name, tensor in shared.items():
-        torch.testing.assert_close(tensor[0], ref.model.state_dict()[name], rtol=1e-9, atol=1e-12)
-    if method != "dp-fedavg":
-        for c, classifier in enumerate(ref.classifiers):
-            torch.testing.assert_close(batched.classifier["fc2.weight"][c], classifier.weight.detach(), rtol=1e-9,
-                                       atol=1e-12)
+    assert_same_states(*engines, 3)
 
 
 def test_epsilon_is_reported_and_matches_opacus(tiny_config, tmp_path):
@@ -64,11 +57,11 @@ def test_epsilon_is_reported_and_matches_opacus(tiny_config, tmp_path):
     ("dp-fedavg", "the whole CNN"), ("ppsgd", "the representation"), ("centaur", "the representation")])
 def test_dp_methods_learn_at_a_loose_budget_and_upload_what_they_share(method, uploaded, tiny_config, tmp_path,
                                                                           monkeypatch):
-    import hyperfl_fast.reference as ref
+    import hyperfl_fast.methods.base as base
 
     seen = []
-    real_average = ref.weighted_average
-    monkeypatch.setattr(ref, "weighted_average", lambda ups, ws: seen.append(ups) or real_average(ups, ws))
+    real_average = base.weighted_average
+    monkeypatch.setattr(base, "weighted_average", lambda ups, ws: seen.append(ups) or real_average(ups, ws))
     cfg = dataclasses.replace(tiny_config, method=method, engine="reference", rounds=3, local_epochs=2,
                               epsilon=200.0, dp_clip=1.0, lr=0.1, output_dir=str(tmp_path))
     result = run(cfg, log=lambda _: None)

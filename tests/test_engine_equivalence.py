@@ -12,11 +12,11 @@ computes HyperFL itself (factored heads included) and not something near it.
 import pytest
 import torch
 
-from hyperfl_fast.batched import FactoredHeads, StackedSGD, build_batched
+from hyperfl_fast.batched import FactoredHeads, StackedSGD
 from hyperfl_fast.config import Config
+from hyperfl_fast.engines import build_batched, build_reference
 from hyperfl_fast.federation import sample_clients
 from hyperfl_fast.models import cnn_spec
-from hyperfl_fast.reference import build_reference
 
 from conftest import DEVICE, small_federation
 
@@ -40,6 +40,16 @@ def run_both(cfg, clients, rounds):
     return engines, history
 
 
+def assert_same_states(ref, batched, num_clients):
+    """The server's state and every client's private state agree between the engines."""
+    states = [(ref.global_state(), batched.global_state())]
+    states += [(ref.client_state(c), batched.client_state(c)) for c in range(num_clients)]
+    for want, got in states:
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-9, atol=1e-12)
+
+
 def assert_same_results(history):
     for ref_results, batched_results in history:
         assert [r.client for r in ref_results] == [b.client for b in batched_results]
@@ -57,21 +67,14 @@ def test_batched_engine_equals_reference(method, client_init, float64):
                  device="cpu", seed=3, client_init=client_init)
     (ref, batched), history = run_both(cfg, federation(1, [60, 47, 33, 60]), rounds=3)
     assert_same_results(history)
-    if method == "hyperfl":
-        for name, tensor in ref.hypernet.state_dict().items():
-            torch.testing.assert_close(batched.hypernet.state_dict()[name], tensor, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(batched.client_embeddings, torch.stack([v.detach() for v in ref.client_embeddings]),
-                                   rtol=1e-9, atol=1e-12)
-    elif method == "fedavg":
-        for name, tensor in ref.model.state_dict().items():
-            torch.testing.assert_close(batched.params[name][0], tensor, rtol=1e-9, atol=1e-12)
+    assert_same_states(ref, batched, 4)
 
 
 def test_batched_engine_equals_reference_with_augmentation(float64):
     cfg = Config(dataset="synthetic-rgb", clients=3, local_epochs=1, batch_size=25, device="cpu")
     (ref, batched), history = run_both(cfg, federation(3, [50, 50, 40]), rounds=2)
     assert_same_results(history)
-    torch.testing.assert_close(batched.hypernet.heads.weight, ref.hypernet.heads.weight, rtol=1e-9, atol=1e-12)
+    assert_same_states(ref, batched, 3)
 
 
 def test_factored_heads_equal_explicit_sgd():
@@ -144,7 +147,7 @@ def test_batched_engine_on_triton_ops_matches_torch_ops(monkeypatch):
     for path in ("torch", "triton"):
         monkeypatch.setenv("HYPERFL_OPS_PATH", path)
         engine = build_batched(cnn_spec(1, 10), clients, cfg, DEVICE)
-        results[path] = (engine.run_round(0, [0, 1]), engine.hypernet.state_dict())
+        results[path] = (engine.run_round(0, [0, 1]), engine.global_state())
     (torch_results, torch_state), (triton_results, triton_state) = results["torch"], results["triton"]
     for a, b in zip(torch_results, triton_results):
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5)

@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-from hyperfl_fast.batched import build_batched
 from hyperfl_fast.config import Config, ConfigError
+from hyperfl_fast.engines import build_batched, build_reference
 from hyperfl_fast.models import cnn_spec
-from hyperfl_fast.reference import build_reference
 from hyperfl_fast.reproduce import main as reproduce_main
 from hyperfl_fast.reproduce import reproduce
 from hyperfl_fast.runner import run
@@ -16,17 +15,9 @@ from hyperfl_fast.runner import run
 from conftest import small_federation
 
 
-def initial_private_state(engine):
-    """Every client's (embedding, classifier weight, classifier bias) or (CNN tensors) at the start."""
-    if hasattr(engine, "classifier_weight"):  # batched HyperFL
-        return [(engine.client_embeddings[i], engine.classifier_weight[i], engine.classifier_bias[i])
-                for i in range(len(engine.client_embeddings))]
-    if hasattr(engine, "classifiers"):  # reference HyperFL
-        return [(v.detach(), c.weight.detach(), c.bias.detach())
-                for v, c in zip(engine.client_embeddings, engine.classifiers)]
-    if hasattr(engine, "models"):  # reference local
-        return [tuple(m.state_dict().values()) for m in engine.models]
-    return [tuple(t[i] for t in engine.params.values()) for i in range(len(next(iter(engine.params.values()))))]
+def initial_private_state(engine, num_clients):
+    """Every client's private tensors (HyperFL: embedding, classifier weight and bias; local: its CNN)."""
+    return [tuple(engine.client_state(i).values()) for i in range(num_clients)]
 
 
 @pytest.mark.parametrize("method", ["hyperfl", "local"])
@@ -35,7 +26,7 @@ def initial_private_state(engine):
 def test_client_init(method, build, client_init):
     _, clients = small_federation(clients=4)
     cfg = Config(dataset="synthetic", method=method, clients=4, client_init=client_init, device="cpu")
-    states = initial_private_state(build(cnn_spec(1, 10), clients, cfg, torch.device("cpu")))
+    states = initial_private_state(build(cnn_spec(1, 10), clients, cfg, torch.device("cpu")), 4)
     assert len(states) == 4
     same = [all(torch.equal(a, b) for a, b in zip(states[0], other)) for other in states[1:]]
     assert all(same) if client_init == "shared" else not any(same)
@@ -45,7 +36,7 @@ def test_client_init(method, build, client_init):
 def test_engines_start_from_the_same_draw(client_init):
     _, clients = small_federation(clients=3)
     cfg = Config(dataset="synthetic", clients=3, client_init=client_init, device="cpu")
-    ref, batched = (initial_private_state(build(cnn_spec(1, 10), clients, cfg, torch.device("cpu")))
+    ref, batched = (initial_private_state(build(cnn_spec(1, 10), clients, cfg, torch.device("cpu")), 3)
                     for build in (build_reference, build_batched))
     for r, b in zip(ref, batched):
         for x, y in zip(r, b):
@@ -58,7 +49,7 @@ def test_shared_clients_own_separate_copies(tiny_config, tmp_path):
     cfg = dataclasses.replace(tiny_config, client_init="shared")
     engine = build_reference(cnn_spec(1, 10), clients, cfg, torch.device("cpu"))
     engine.run_round(0, [0])
-    states = initial_private_state(engine)
+    states = initial_private_state(engine, 4)
     assert not torch.equal(states[0][0], states[1][0]) and torch.equal(states[1][0], states[2][0])
 
 

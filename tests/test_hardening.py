@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import hyperfl_fast.runner as runner
-from hyperfl_fast.batched import build_batched
+from hyperfl_fast.engines import build_batched, build_reference
 from hyperfl_fast.checkpoint import state_digest
 from hyperfl_fast.config import Config
 from hyperfl_fast.models import cnn_spec
-from hyperfl_fast.reference import build_reference
 from hyperfl_fast.train import build_parser, main
 
 from conftest import small_federation

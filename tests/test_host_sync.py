@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hyperfl_fast.batched as batched
+from hyperfl_fast.engines import build_batched
 from hyperfl_fast.config import Config
 from hyperfl_fast.models import cnn_spec
 
@@ -38,7 +39,7 @@ def syncs_in_one_round(method, local_epochs, monkeypatch, dataset="synthetic"):
     _, clients = small_federation(in_channels, clients=3, local_size=40)
     cfg = Config(dataset=dataset, method=method, clients=3, local_epochs=local_epochs, batch_size=15,
                  device="cpu")
-    engine = batched.build_batched(cnn_spec(in_channels, 10), clients, cfg, torch.device("cpu"))
+    engine = build_batched(cnn_spec(in_channels, 10), clients, cfg, torch.device("cpu"))
     real_tolist = torch.Tensor.tolist
     counter = CountSyncs()
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: counter.counts.update(["Tensor.tolist"]) or real_tolist(t))
@@ -72,6 +73,6 @@ def test_every_random_draw_happens_before_local_training(monkeypatch):
     monkeypatch.setattr(batched.StackedSGD, "step", lambda self, *a: events.append("step") or real_step(self, *a))
     _, clients = small_federation(3, clients=3, local_size=40)
     cfg = Config(dataset="synthetic-rgb", clients=3, local_epochs=2, batch_size=15, device="cpu")
-    batched.build_batched(cnn_spec(3, 10), clients, cfg, torch.device("cpu")).run_round(0, [0, 1, 2])
+    build_batched(cnn_spec(3, 10), clients, cfg, torch.device("cpu")).run_round(0, [0, 1, 2])
     assert events.count("draw") == 3 * 3  # clients x (classifier epoch + 2 epochs)
     assert events.index("step") > max(i for i, e in enumerate(events) if e == "draw")

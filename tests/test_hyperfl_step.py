@@ -7,7 +7,8 @@ from torch.func import functional_call
 
 from hyperfl_fast.config import Config
 from hyperfl_fast.models import GeneratedCNN, HyperNetwork, TargetCNN, cnn_spec, split_theta
-from hyperfl_fast.reference import hypernet_step, sgd
+from hyperfl_fast.methods.base import sgd
+from hyperfl_fast.methods.hyperfl import hypernet_step
 
 
 def by_hand(spec, hypernet, embedding, classifier, batches, lr, momentum, wd, clip):

@@ -1,8 +1,9 @@
 """Privacy invariant: a HyperFL client uploads hypernetwork tensors only; aggregation is the weighted mean."""
 import torch
 
+from hyperfl_fast.engines import build_reference
 from hyperfl_fast.federation import weighted_average
-from hyperfl_fast.reference import build_reference
+from hyperfl_fast.methods.hyperfl import client_model
 from hyperfl_fast.models import cnn_spec
 
 from conftest import small_federation
@@ -11,10 +12,10 @@ from conftest import small_federation
 def test_upload_holds_only_hypernetwork_tensors(tiny_config):
     data, clients = small_federation()
     engine = build_reference(cnn_spec(1, 10), clients, tiny_config, torch.device("cpu"))
-    model = engine.client_model(0, engine.hypernet)
+    model = client_model(engine.spec, engine.global_state(), engine.client_state(0))
     upload = model.upload()
-    assert set(upload) == set(engine.hypernet.state_dict())  # fc.weight, fc.bias, heads.weight, heads.bias
-    private = [engine.client_embeddings[0], *engine.classifiers[0].parameters()]
+    assert set(upload) == {"fc.weight", "fc.bias", "heads.weight", "heads.bias"} == set(engine.global_state())
+    private = [model.embedding, *model.classifier.parameters()]
     for tensor in upload.values():
         for secret in private:
             assert tensor.data_ptr() != secret.data_ptr()
@@ -25,19 +26,19 @@ def test_upload_holds_only_hypernetwork_tensors(tiny_config):
 
 
 def test_round_sends_only_hypernetwork_and_keeps_private_parts(tiny_config, monkeypatch):
-    import hyperfl_fast.reference as ref
+    import hyperfl_fast.methods.base as base
 
     data, clients = small_federation()
     engine = build_reference(cnn_spec(1, 10), clients, tiny_config, torch.device("cpu"))
     seen = []
-    real_average = ref.weighted_average
-    monkeypatch.setattr(ref, "weighted_average", lambda ups, ws: seen.append((ups, ws)) or real_average(ups, ws))
+    real_average = base.weighted_average
+    monkeypatch.setattr(base, "weighted_average", lambda ups, ws: seen.append((ups, ws)) or real_average(ups, ws))
     engine.run_round(0, [0, 2])
     uploads, weights = seen[0]
     assert len(uploads) == 2 and weights == [60, 60]
-    hyper_keys = set(engine.hypernet.state_dict())
+    hyper_keys = set(engine.global_state())
     assert all(set(u) == hyper_keys for u in uploads)
-    torch.testing.assert_close(engine.hypernet.state_dict()["heads.bias"],
+    torch.testing.assert_close(engine.global_state()["heads.bias"],
                                (uploads[0]["heads.bias"] + uploads[1]["heads.bias"]) / 2)
 
 

@@ -1,0 +1,13 @@
+"""HyperFL (and every other method of :mod:`hyperfl_fast.methods`) on Flower: real federations, one process per
+client, across machines.  Optional extra: ``pip install hyperfl_fast[flower]``.
+
+- :mod:`.client_app`: the ``ClientApp``. A SuperNode is one client; it trains with the same
+  :meth:`~hyperfl_fast.methods.Method.client_update` as the reference engine, keeps its private state in
+  ``Context.state`` and replies with the method's upload (HyperFL: the hypernetwork) and figures, nothing else.
+- :mod:`.server_app`: the ``ServerApp`` and :class:`~.server_app.UploadAuditingFedAvg`, Flower's ``FedAvg``
+  with an upload check and hook, the per-round metrics files and the failure policy.
+- :mod:`.settings`: the run config (``[tool.flwr.app.config]`` in ``pyproject.toml``) as a
+  :class:`~hyperfl_fast.config.Config`.
+
+Run it with ``flwr run . <superlink-connection>`` from the repository (see the README).
+"""

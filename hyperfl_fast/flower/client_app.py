@@ -1,0 +1,126 @@
+"""The Flower ``ClientApp``: one SuperNode is one client of the federation.
+
+Its partition is ``partition-id`` of ``num-partitions`` (node config), split
+exactly as ``python -m hyperfl_fast.train`` splits the data.  Its private
+state (HyperFL: embedding and classifier) starts from the same seeded draw as
+the in-process engines and lives in ``Context.state`` between rounds; it never
+leaves the node.  Local training is the method's
+:meth:`~hyperfl_fast.methods.Method.client_update`, the reference engine's
+code, with round ``server-round - 1``, so every random draw is keyed by
+(seed, round, client, epoch) just as in-process.
+
+Replies: ``train`` sends the method's upload (HyperFL: the hypernetwork
+arrays; ``local``: none) and a MetricRecord of figures (``num-examples``
+weights the server's average); ``evaluate`` sends the client's test accuracy
+with the new global state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..config import ConfigError
+from ..dp import ClientPrivacy
+from ..federation import build_clients
+from ..methods import get_method
+from ..runner import load_partition
+from .settings import settings_from_run_config
+
+PRIVATE = "private"  # Context.state: the client's private arrays
+PROGRESS = "progress"  # Context.state: rounds trained so far (for the privacy accountant and the audit)
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _client(run_config: tuple, partition_id: int):
+    """(settings, spec, this client's data, its initial private state), built once per process."""
+    settings = settings_from_run_config(dict(run_config))
+    cfg = settings.cfg
+    dataset, splits, spec = load_partition(cfg, log=lambda _: None)
+    device = cfg.torch_device()
+    data = dataclasses.replace(build_clients(dataset, [splits[partition_id]], device)[0], client_id=partition_id)
+    torch.manual_seed(cfg.seed)  # the in-process engines' draw, of which this client keeps its own part
+    _, privates = get_method(cfg.method).init_states(spec, cfg.clients, cfg, device)
+    return settings, spec, data, privates[partition_id]
+
+
+def client_of(context: Context) -> tuple:
+    """This node's (settings, spec, data, initial private state); checks its node config against the run."""
+    try:
+        partition_id, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except (KeyError, ValueError):
+        raise ConfigError("node config: set integer partition-id and num-partitions "
+                          "(flower-supernode --node-config 'partition-id=0 num-partitions=20')") from None
+    settings, spec, data, initial = _client(tuple(sorted(context.run_config.items())), partition_id)
+    if partitions != settings.cfg.clients or not 0 <= partition_id < partitions:
+        raise ConfigError(f"node config: partition-id {partition_id} of num-partitions {partitions} does not fit "
+                          f"the run's clients={settings.cfg.clients}")
+    return settings, spec, data, initial
+
+
+def private_state(context: Context, initial: dict) -> dict:
+    """The private state kept in ``Context.state`` (the seeded start before the first round)."""
+    if PRIVATE in context.state:
+        return context.state[PRIVATE].to_torch_state_dict()
+    return initial
+
+
+def rounds_trained(context: Context) -> int:
+    return int(context.state[PROGRESS]["rounds"]) if PROGRESS in context.state else 0
+
+
+def received_state(msg: Message, device: torch.device) -> dict:
+    """The global state a message carries (empty when the method has none)."""
+    state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
+    return {k: t.to(device) for k, t in state.items()}
+
+
+def client_round(context: Context, global_state: dict, server_round: int) -> tuple[dict, dict]:
+    """One round of this node's local training: (its upload, its figures); its private state stays in
+    ``context.state``."""
+    settings, spec, data, initial = client_of(context)
+    cfg, method = settings.cfg, get_method(settings.cfg.method)
+    privacy = ClientPrivacy([data.num_train], cfg.batch_size, cfg.epsilon, cfg.delta, cfg.rounds,
+                            cfg.local_epochs) if method.dp else None
+    done = rounds_trained(context)
+    update = method.client_update(spec, global_state, private_state(context, initial), data, cfg, server_round - 1,
+                                  privacy.sigmas[0] if privacy else None)
+    context.state[PRIVATE] = ArrayRecord({k: t.cpu() for k, t in update.private.items()})  # stays on the node
+    context.state[PROGRESS] = ConfigRecord({"rounds": done + 1})
+    metrics = {"num-examples": data.num_train, "partition-id": data.client_id, "train-loss": update.train_loss,
+               "local-acc": update.local_acc, "rounds-before": done}
+    if privacy:  # the epsilon this client has spent, by its own accountant over every round it trained
+        privacy.accountants[0].step(privacy.steps_per_epoch[0] * cfg.local_epochs * (done + 1))
+        metrics["epsilon"] = privacy.accountants[0].epsilon(cfg.delta)
+    return {k: t.cpu() for k, t in update.upload.items()}, metrics
+
+
+def client_evaluation(context: Context, global_state: dict) -> dict:
+    """This node's figures with the new global state: its test accuracy with its private part."""
+    settings, spec, data, initial = client_of(context)
+    acc = get_method(settings.cfg.method).global_accuracy(spec, global_state, private_state(context, initial), data)
+    return {"num-examples": len(data.test_y), "partition-id": data.client_id, "global-acc": acc}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Receive the global state, train, reply with the upload and the figures only."""
+    device = client_of(context)[2].train_x.device
+    upload, metrics = client_round(context, received_state(msg, device), int(msg.content["config"]["server-round"]))
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if upload:
+        content["arrays"] = ArrayRecord(upload)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Reply with the client's test accuracy under the new global state."""
+    device = client_of(context)[2].train_x.device
+    metrics = client_evaluation(context, received_state(msg, device))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,168 @@
+"""The Flower ``ServerApp``: Flower's own ``FedAvg`` over the clients' uploads, plus what this package adds.
+
+- **The privacy invariant, checked on what arrives.**  Every reply's arrays
+  must be exactly the method's upload (HyperFL: the hypernetwork's
+  ``fc.weight``, ``fc.bias``, ``heads.weight``, ``heads.bias``); a reply
+  carrying any other key is refused and counted as a failure.
+- **A hook on each upload** (``on_upload(server_round, partition_id,
+  arrays)``), for audits and attacks; with ``audit-uploads`` the server writes
+  every upload's keys and shapes, and the figures sent with it, to ``uploads.jsonl``.
+- **The same metrics files** as ``python -m hyperfl_fast.train``
+  (``metrics.json``, ``metrics.csv``), aggregated from the clients' reports,
+  and the global state after every round (``global.pt``, with a digest).
+- **Failures.**  The server waits ``round-timeout`` seconds for a round's
+  replies, then aggregates those that arrived (weighted by their data sizes,
+  as FedAvg does), provided there are at least ``min-clients``; each round's
+  record lists the clients that failed.  With fewer, the run stops with an
+  error naming the round, and the files keep the last complete round.
+  Before each round the server waits until ``min-clients`` nodes are connected.
+"""
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from typing import Callable, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from ..checkpoint import check_writable, save_checkpoint
+from ..config import Config
+from ..data import DATASET_SHAPES
+from ..federation import ClientResult
+from ..methods import get_method
+from ..models import cnn_spec
+from ..runner import round_record, write_metrics
+from .settings import FlowerSettings, settings_from_run_config
+
+UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
+
+
+class FederationError(RuntimeError):
+    """Too few clients replied in a round to go on."""
+
+
+def mean_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The plain mean over clients of each reported figure (as the in-process log averages them)."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    keys = [k for k in metrics[0] if k not in (weighting_key, "partition-id")]
+    return MetricRecord({k: sum(float(m[k]) for m in metrics) / len(metrics) for k in keys})
+
+
+class UploadAuditingFedAvg(FedAvg):
+    """Flower's ``FedAvg`` (weighted by ``num-examples``) that checks every upload against the method's
+    upload keys, shows each one to ``on_upload``, tolerates missing replies down to ``min_clients`` and writes
+    the run's metrics after every round."""
+
+    def __init__(self, settings: FlowerSettings, upload_keys: set[str], on_upload: UploadHook | None = None):
+        n = settings.min_clients
+        super().__init__(fraction_train=settings.cfg.frac, fraction_evaluate=settings.cfg.frac, min_train_nodes=n,
+                         min_evaluate_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=mean_metrics,
+                         evaluate_metrics_aggr_fn=mean_metrics)
+        self.settings, self.cfg, self.upload_keys, self.on_upload = settings, settings.cfg, upload_keys, on_upload
+        self.rounds: list[dict] = []
+        self.trained: dict[int, dict] = {}  # this round's train reports by partition id
+        self.failed: list[str] = []
+        self.started = time.perf_counter()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.started, self.trained, self.failed = time.perf_counter(), {}, []
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _check_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        """The replies that carry results; failures (errors, timeouts, foreign arrays) are logged and counted."""
+        replies = list(replies)
+        good = []
+        for msg in replies:
+            if msg.has_error():
+                self.failed.append(f"{phase}: node {msg.metadata.src_node_id}: {msg.error.reason}")
+                continue
+            arrays = msg.content.array_records.get("arrays")
+            keys = set(arrays.keys()) if arrays is not None else set()
+            if phase == "train" and keys != self.upload_keys:
+                self.failed.append(f"train: node {msg.metadata.src_node_id} uploaded {sorted(keys)}, not only "
+                                   f"{sorted(self.upload_keys)}; refused")
+                continue
+            good.append(msg)
+        expected = max(self.min_train_nodes, len(replies))
+        if len(good) < self.min_train_nodes:
+            raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
+                                  f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
+                                  f"{self.settings.output_dir} keeps rounds 1-{len(self.rounds)}")
+        for line in self.failed:
+            log(INFO, "hyperfl_fast: round %s: %s", server_round, line)
+        return good
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        good = self._check_replies(server_round, replies, "train")
+        for msg in good:
+            metrics = msg.content["metrics"]
+            pid = int(metrics["partition-id"])
+            self.trained[pid] = dict(metrics)
+            arrays = msg.content.array_records.get("arrays")
+            upload = arrays.to_torch_state_dict() if arrays is not None else {}
+            if self.on_upload:
+                self.on_upload(server_round, pid, upload)
+            if self.settings.audit_uploads:
+                with open(self.settings.output_dir / "uploads.jsonl", "a") as audit:
+                    audit.write(json.dumps({"round": server_round, "partition-id": pid,
+                                            "arrays": {k: list(t.shape) for k, t in upload.items()},
+                                            "metrics": dict(metrics)}) + "\n")
+        if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
+            return None, mean_metrics([m.content for m in good], self.weighted_by_key)
+        return super().aggregate_train(server_round, good)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        good = self._check_replies(server_round, replies, "evaluate")
+        global_acc = {int(m.content["metrics"]["partition-id"]): float(m.content["metrics"]["global-acc"])
+                      for m in good}
+        results = [ClientResult(pid, float(t["train-loss"]), float(t["local-acc"]), global_acc[pid],
+                                float(t["epsilon"]) if "epsilon" in t else None)
+                   for pid, t in sorted(self.trained.items()) if pid in global_acc]
+        record = round_record(self.cfg, server_round - 1, results, time.perf_counter() - self.started)
+        record["failures"] = self.failed
+        self.rounds.append(record)
+        write_metrics(self.settings.output_dir, self.cfg, self.rounds)
+        log(INFO, "hyperfl_fast: round %s/%s | train loss %.4f | local acc %.2f%% | global acc %.2f%% | %.1f s",
+            server_round, self.cfg.rounds, record["train_loss"], record["local_acc"], record["global_acc"],
+            record["seconds"])
+        return super().aggregate_evaluate(server_round, good)
+
+
+def initial_global_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """The server's starting state: the in-process engines' seeded draw (no data needed)."""
+    torch.manual_seed(cfg.seed)
+    shared, _ = get_method(cfg.method).init_states(cnn_spec(*DATASET_SHAPES[cfg.dataset]), cfg.clients, cfg,
+                                                   torch.device("cpu"))
+    return shared
+
+
+def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook | None = None) -> dict:
+    """Run ``settings.cfg.rounds`` rounds over the connected SuperNodes; returns the final global state."""
+    cfg = settings.cfg
+    check_writable(settings.output_dir)
+    shared = initial_global_state(cfg)
+    strategy = UploadAuditingFedAvg(settings, set(shared), on_upload)
+
+    def save_global(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round:
+            save_checkpoint(settings.output_dir / "global.pt", {"config": cfg.to_dict(), "rounds": strategy.rounds,
+                                                                 "engine": {"global": arrays.to_torch_state_dict()}})
+
+    result = strategy.start(grid, ArrayRecord(shared), num_rounds=cfg.rounds, timeout=settings.round_timeout,
+                            evaluate_fn=save_global)
+    return result.arrays.to_torch_state_dict() if result.arrays is not None else shared
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's entry point: settings from the run config, then the federation."""
+    run_federation(grid, settings_from_run_config(context.run_config))

@@ -1,0 +1,50 @@
+"""The Flower run config (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config``) as a Config.
+
+Keys are the training CLI's flags without the dashes in front (``local-epochs``, ``client-init``, ...), plus
+the federation's own: ``output-dir`` (where the server writes metrics; "" = runs/flower-<dataset>-<method>),
+``min-clients`` (the fewest replies a round may aggregate; 0 = all ``clients``), ``round-timeout`` (seconds
+the server waits for a round's replies) and ``audit-uploads`` (write every received upload's keys and shapes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, ConfigError
+
+FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads"}
+OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
+
+
+@dataclass
+class FlowerSettings:
+    """A run's training settings plus how the server runs the federation."""
+
+    cfg: Config
+    output_dir: Path
+    min_clients: int  # a round whose replies are fewer stops the run
+    round_timeout: float  # seconds
+    audit_uploads: bool
+
+
+def settings_from_run_config(run_config: dict) -> FlowerSettings:
+    """Validate a Flower run config; raises :class:`ConfigError` naming the first bad key."""
+    fields = set(Config.field_names()) - {"output_dir"}
+    values = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if key in FEDERATION_KEYS:
+            continue
+        if name not in fields:
+            raise ConfigError(f"run config: unknown key {key!r}")
+        values[name] = None if name in OPTIONAL_SIZES and value == 0 else value
+    cfg = Config(**values).validate()
+    min_clients = run_config.get("min-clients", 0) or cfg.clients
+    if not isinstance(min_clients, int) or not 0 < min_clients <= cfg.clients:
+        raise ConfigError(f"run config: min-clients must be an integer in [0, clients={cfg.clients}], "
+                          f"got {min_clients!r}")
+    timeout = run_config.get("round-timeout", 3600)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"run config: round-timeout must be a positive number of seconds, got {timeout!r}")
+    out = Path(run_config.get("output-dir") or f"runs/flower-{cfg.dataset}-{cfg.method}")
+    return FlowerSettings(cfg, out, min_clients, float(timeout), bool(run_config.get("audit-uploads", False)))

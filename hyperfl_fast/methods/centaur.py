@@ -1,0 +1,22 @@
+"""CENTAUR: one non-private classifier epoch (lr ``classifier_lr``) on the received representation, then
+``local_epochs`` epochs of DP-SGD on the representation with the classifier frozen; only the representation
+is uploaded (see :mod:`.representation_dp`)."""
+from __future__ import annotations
+
+from .representation_dp import RepresentationDP, batch_loss, classifier_step, private_representation_step
+
+
+class Centaur(RepresentationDP):
+    name = "centaur"
+
+    def train(self, model, data, cfg, round_idx, sigma):
+        classifier_sgd, feature_sgd = self.optimizers(model, cfg)
+        for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, 0):  # the classifier epoch
+            classifier_step(model, classifier_sgd, x, y)
+        for epoch in range(1, cfg.local_epochs + 1):
+            losses = []
+            for step, (x, y) in enumerate(data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)):
+                losses.append(batch_loss(model, x, y))
+                private_representation_step(model, feature_sgd, x, y, cfg, sigma, data.client_id, round_idx, epoch,
+                                            step)
+        return sum(losses) / len(losses)

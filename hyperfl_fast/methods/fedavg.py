@@ -1,0 +1,37 @@
+"""FedAvg (McMahan et al., 2017): every client trains the global CNN; the server averages the whole model.
+
+A round, per client: receive the global CNN, train it for ``local_epochs``
+epochs (SGD, lr ``lr``), upload all of it; the server averages the uploads
+weighted by data size.  Clients keep nothing between rounds.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..federation import accuracy
+from ..models import init_target_cnns
+from .base import ClientUpdate, Method, detached
+from .full_model import CNNLockstep, cnn_from, train_full_model
+
+
+class FedAvg(Method):
+    name = "fedavg"
+    lockstep = CNNLockstep
+
+    def init_states(self, spec, num_clients, cfg, device):
+        (model,) = init_target_cnns(spec, 1, device)
+        return detached(model), [{} for _ in range(num_clients)]
+
+    def train(self, model, data, cfg, round_idx, sigma):
+        """Local training of the received CNN; returns the mean loss of the last epoch."""
+        return train_full_model(model, data, cfg, round_idx)
+
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+        model = cnn_from(spec, global_state)  # receive the global CNN
+        loss = self.train(model, data, cfg, round_idx, sigma)
+        with torch.no_grad():
+            local_acc = accuracy(model, data.test_x, data.test_y)
+        return ClientUpdate(detached(model), {}, loss, local_acc)  # upload the whole CNN
+
+    def predict(self, spec, global_state, private):
+        return cnn_from(spec, global_state)

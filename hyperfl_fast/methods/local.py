@@ -1,0 +1,24 @@
+"""Local training only: every client trains its own CNN and nothing leaves it (the paper's lower bar)."""
+from __future__ import annotations
+
+from ..federation import accuracy
+from ..models import init_target_cnns
+from .base import ClientUpdate, Method, detached
+from .full_model import CNNLockstep, cnn_from, train_full_model
+
+
+class Local(Method):
+    name = "local"
+    lockstep = CNNLockstep
+
+    def init_states(self, spec, num_clients, cfg, device):
+        models = init_target_cnns(spec, num_clients, device, shared=cfg.client_init == "shared")
+        return {}, [detached(m) for m in models]
+
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+        model = cnn_from(spec, private)
+        loss = train_full_model(model, data, cfg, round_idx)
+        return ClientUpdate({}, detached(model), loss, accuracy(model, data.test_x, data.test_y))  # no upload
+
+    def predict(self, spec, global_state, private):
+        return cnn_from(spec, private)  # no global model: a client's figure is its own model's

@@ -1,0 +1,172 @@
+"""Shared-representation DP methods (PPSGD, CENTAUR): the common part.
+
+The representation (conv layers and fc1) is shared: trained with record-level
+DP-SGD, uploaded and averaged by data size.  Each client's classifier (fc2)
+is private, trained without noise, and never leaves it.  The methods differ
+only in their local schedule (:meth:`RepresentationDP.train`, in
+:mod:`.ppsgd` and :mod:`.centaur`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..batched import (Batch, RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify, client_losses,
+                       client_results, private_step_grads)
+from ..config import Config
+from ..dp import ClientPrivacy, dp_sgd_step, noise_generator
+from ..federation import ClientData, ClientResult, accuracy
+from ..models import CNNSpec, TargetCNN, extract_features_batched, init_private_classifiers
+from .base import ClientUpdate, Method, State, detached, sgd
+from .full_model import cnn_from
+
+CLASSIFIER_KEYS = ("fc2.weight", "fc2.bias")  # private, never uploaded
+
+
+def classifier_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A non-private SGD step of the classifier alone (``optimizer`` holds only its parameters)."""
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def batch_loss(model: TargetCNN, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The model's loss on a batch, for the log (taken before the batch's steps)."""
+    return F.cross_entropy(model(x), y).item()
+
+
+def private_representation_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x, y, cfg: Config,
+                                sigma: float, client: int, round_idx: int, epoch: int, step: int) -> None:
+    """A DP-SGD step of the representation (``optimizer``'s parameters) with the client's keyed noise."""
+    features = [p for group in optimizer.param_groups for p in group["params"]]
+    dp_sgd_step(model, features, optimizer, x, y, cfg.dp_clip, sigma,
+                noise_generator(cfg.seed, round_idx, client, epoch, step))
+
+
+class RepresentationDP(Method):
+    """PPSGD and CENTAUR: what they share (state, upload, aggregation); subclasses give the local schedule."""
+
+    dp = True
+
+    def init_states(self, spec, num_clients, cfg, device):
+        model = TargetCNN(spec).to(device)  # the global representation (its fc2 only seeds the classifiers)
+        classifiers = init_private_classifiers(model, num_clients, shared=cfg.client_init == "shared")
+        representation = {k: t for k, t in detached(model).items() if k not in CLASSIFIER_KEYS}
+        return representation, [detached(c, "fc2.") for c in classifiers]
+
+    def train(self, model: TargetCNN, data: ClientData, cfg: Config, round_idx: int, sigma: float) -> float:
+        """Local training of the received representation and the private classifier; the last epoch's mean loss."""
+        raise NotImplementedError
+
+    def optimizers(self, model: TargetCNN, cfg: Config) -> tuple[torch.optim.SGD, torch.optim.SGD]:
+        """(classifier SGD at ``classifier_lr``, representation SGD at ``lr``)."""
+        features = [p for name, p in model.named_parameters() if name not in CLASSIFIER_KEYS]
+        return sgd(model.fc2.parameters(), cfg, cfg.classifier_lr), sgd(features, cfg, cfg.lr)
+
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+        model = cnn_from(spec, {**global_state, **private})  # the global representation, the own classifier
+        loss = self.train(model, data, cfg, round_idx, sigma)
+        state = detached(model)
+        upload = {k: t for k, t in state.items() if k not in CLASSIFIER_KEYS}  # the representation only
+        private = {k: state[k] for k in CLASSIFIER_KEYS}
+        return ClientUpdate(upload, private, loss, accuracy(model, data.test_x, data.test_y))
+
+    def predict(self, spec, global_state, private):
+        return cnn_from(spec, {**global_state, **private})
+
+
+class RepresentationDPLockstep:
+    """``ppsgd`` and ``centaur`` in lockstep: the results of :meth:`RepresentationDP.client_update`, client by client.
+
+    The global representation (conv layers and fc1) is stacked (N, ...) for the
+    round's clients; each client's private classifier (Nc, K, D) stays in this
+    engine's store.  DP-SGD steps take every sample's gradient of the
+    representation at once, with the classifier frozen.
+    """
+
+    progress_unit = "epoch"
+
+    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.cfg, self.data, self.method = spec, cfg, StackedData(clients), cfg.method
+        model = TargetCNN(spec).to(device)
+        heads = init_private_classifiers(model, len(clients), shared=cfg.client_init == "shared")
+        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
+                                     cfg.rounds, cfg.local_epochs)
+        self.feature_keys = [name for name, _ in spec.feature_shapes()]
+        self.representation = {k: model.state_dict()[k].unsqueeze(0) for k in self.feature_keys}  # (1, ...)
+        # private, never uploaded: (Nc, K, D), (Nc, K)
+        self.classifier = {"fc2.weight": torch.stack([h.weight.detach() for h in heads]),
+                           "fc2.bias": torch.stack([h.bias.detach() for h in heads])}
+        self.template = model.to("meta")
+
+    def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return classify(extract_features_batched(x, params, self.spec), params["fc2.weight"], params["fc2.bias"])
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        cfg, n = self.cfg, len(sampled)
+        idx = torch.tensor(sampled, device=self.data.train_y.device)
+        features = {k: t.expand(n, *t.shape[1:]).clone() for k, t in self.representation.items()}
+        head = {k: t[idx].clone() for k, t in self.classifier.items()}
+        classifier_sgd = StackedSGD(list(head.values()), cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
+        feature_sgd = StackedSGD(list(features.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
+        centaur = self.method == "centaur"
+        epochs = range(1, cfg.local_epochs + 1) if centaur else range(cfg.local_epochs)
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx,
+                                 range(cfg.local_epochs + 1) if centaur else epochs)
+
+        def classifier_step(batch: Batch) -> None:
+            leaves = {k: t.clone().requires_grad_() for k, t in head.items()}
+            losses = client_losses(self.logits(batch.x, {**features, **leaves}), batch)
+            classifier_sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
+
+        if centaur:  # the classifier epoch, on the received representation
+            for batch in schedule.batches(0):
+                classifier_step(batch)
+        for epoch in progress(epochs):
+            loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+            for step, batch in enumerate(schedule.batches(epoch)):
+                with torch.no_grad():
+                    losses = client_losses(self.logits(batch.x, {**features, **head}), batch)
+                if not centaur:
+                    classifier_step(batch)
+                grads = private_step_grads(self.template, features, batch, cfg, self.privacy, sampled, round_idx,
+                                           epoch, step, frozen=head)
+                feature_sgd.step(grads, batch.active)
+                loss_sum += losses * batch.active
+                loss_count += batch.active
+        train_loss = loss_sum / loss_count
+        local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, {**features, **head}))
+
+        # upload the representation only; the server averages it by data size; classifiers stay private
+        weights = self.data.num_train[idx].to(self.data.train_x.dtype)
+        weights = weights / weights.sum()
+        self.representation = {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in features.items()}
+        for k, t in head.items():
+            self.classifier[k][idx] = t
+        shared = {k: t.expand(n, *t.shape[1:]) for k, t in self.representation.items()}
+        global_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, {**shared, **head}))
+        return client_results(sampled, train_loss, local_acc, global_acc, epsilons=self.privacy.record_round(sampled))
+
+    def global_state(self) -> State:
+        """The server's representation (conv layers and fc1)."""
+        return {k: t[0] for k, t in self.representation.items()}
+
+    def client_state(self, cid: int) -> State:
+        """Client ``cid``'s private classifier."""
+        return {k: t[cid] for k, t in self.classifier.items()}
+
+    def state_dict(self) -> dict:
+        return {"representation": self.representation, "classifier": self.classifier,
+                "privacy": self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.representation = {k: t.clone() for k, t in state["representation"].items()}
+        self.classifier = {k: t.clone() for k, t in state["classifier"].items()}
+        self.privacy.load_state_dict(state["privacy"])
+
+
+RepresentationDP.lockstep = RepresentationDPLockstep

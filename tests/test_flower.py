@@ -1,0 +1,226 @@
+"""HyperFL on Flower, as a real deployment on loopback: a SuperLink and three SuperNodes as separate processes.
+
+The tests start ``flower-superlink`` and ``flower-supernode`` (insecure, free ports chosen at run time), submit
+the app with ``flwr run`` and always stop every process they started.  Small model (hidden-dim 16) and
+synthetic data keep a round to seconds.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperfl_fast.checkpoint import load_checkpoint
+from hyperfl_fast.config import DP_METHODS, Config
+from hyperfl_fast.runner import prepare
+
+pytest.importorskip("flwr")  # installed by `make test`; the extra is hyperfl_fast[flower]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr (and flower-superexec, which they start)
+SETTINGS = dict(dataset="synthetic", clients=3, rounds=2, local_epochs=1, batch_size=20, local_size=60, test_size=40,
+                hidden_dim=16, device="cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill a process and everything it started (its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def deployment(tmp_path: Path, nodes: int = 3):
+    """A SuperLink and ``nodes`` SuperNodes on loopback; yields (env for `flwr run`, the SuperNode processes)."""
+    home, port = tmp_path / "flwr-home", free_port()
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    processes = []
+
+    def start(name, *args):
+        log = open(tmp_path / f"{name}.log", "w")
+        processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                          env=env, cwd=tmp_path, start_new_session=True))
+        return processes[-1]
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+              "--port", str(port))
+        supernodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                            "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={nodes}")
+                      for i in range(nodes)]
+        yield env, supernodes
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+def run_config(out: Path, **extra) -> str:
+    values = {**SETTINGS, "output-dir": str(out), "audit-uploads": True, **extra}
+    return " ".join(f"{k.replace('_', '-')}={json.dumps(v)}" for k, v in values.items())
+
+
+def flwr_run(env: dict, config: str, timeout: float = 400) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "loopback", "--stream", "--run-config", config],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def reference_global_state(rounds_clients: list[list[int]]) -> dict:
+    """The in-process reference engine's global hypernetwork after the given rounds (sampled clients each)."""
+    engine, _ = prepare(Config(**SETTINGS, engine="reference"), log=lambda _: None)
+    for round_idx, sampled in enumerate(rounds_clients):
+        engine.run_round(round_idx, sampled)
+    return engine.global_state()
+
+
+def read_audit(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "uploads.jsonl").read_text().splitlines()]
+
+
+def assert_equal_states(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_hyperfl_on_a_loopback_deployment(tmp_path):
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    with deployment(tmp_path) as (env, _):
+        process = flwr_run(env, run_config(out))
+        try:
+            log, _ = process.communicate(timeout=400)
+        finally:
+            stop(process)
+    print(f"loopback deployment, 2 HyperFL rounds: {time.perf_counter() - start:.1f} s")
+    assert (out / "metrics.json").exists(), log[-3000:]
+
+    # every reply the server received held the hypernetwork's arrays and nothing else
+    audit = read_audit(out)
+    assert sorted((a["round"], a["partition-id"]) for a in audit) == [(r, c) for r in (1, 2) for c in range(3)]
+    for upload in audit:
+        assert set(upload["arrays"]) == {"fc.weight", "fc.bias", "heads.weight", "heads.bias"}
+        assert not any(k.startswith(("embedding", "classifier")) for k in upload["arrays"])
+    # each client's private state lived on from round 1 to round 2 (Context.state)
+    assert [a["metrics"]["rounds-before"] for a in audit if a["round"] == 2] == [1, 1, 1]
+
+    # the global hypernetwork equals the in-process reference run's
+    saved, verified = load_checkpoint(out / "global.pt", torch.device("cpu"))
+    assert verified and len(saved["rounds"]) == 2
+    assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1, 2]]))
+
+    # the same metrics files as python -m hyperfl_fast.train
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2] and metrics["headline"]["metric"] == "local_acc"
+    assert [c["client"] for c in metrics["rounds"][1]["clients"]] == [0, 1, 2]
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("round,train_loss,local_acc")
+
+
+def test_a_supernode_that_dies_in_round_2(tmp_path):
+    """The server gets the dead node's error reply (its heartbeat lapses, about 60 s) or waits round-timeout
+    seconds, then aggregates the replies it has (at least min-clients) and
+    records the failure; the result is the reference's round 2 over the surviving clients."""
+    out = tmp_path / "out"
+    with deployment(tmp_path) as (env, supernodes):
+        process = flwr_run(env, run_config(out, min_clients=2, round_timeout=120))
+        try:
+            deadline = time.time() + 300
+            while not (out / "metrics.json").exists() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.2)
+            stop(supernodes[2])  # round 1 is recorded: client 2's node dies as round 2 begins
+            log, _ = process.communicate(timeout=400)
+        finally:
+            stop(process)
+    assert (out / "metrics.json").exists(), log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["rounds"]) == 2, log[-3000:]
+    second = metrics["rounds"][1]
+    assert [c["client"] for c in second["clients"]] == [0, 1] and second["failures"]
+    saved, _ = load_checkpoint(out / "global.pt", torch.device("cpu"))
+    assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1]]))
+
+
+def test_too_few_replies_stop_the_run_keeping_the_last_round(tmp_path):
+    from hyperfl_fast.flower.server_app import FederationError, UploadAuditingFedAvg
+    from hyperfl_fast.flower.settings import settings_from_run_config
+
+    settings = settings_from_run_config({"dataset": "synthetic", "clients": 3, "min-clients": 2,
+                                         "output-dir": str(tmp_path)})
+    strategy = UploadAuditingFedAvg(settings, {"fc.weight"})
+    with pytest.raises(FederationError, match=r"round 2: 0 train replies of 2, fewer than min-clients=2"):
+        strategy.aggregate_train(2, [])
+
+
+def test_bad_run_config_is_one_line():
+    from hyperfl_fast.config import ConfigError
+    from hyperfl_fast.flower.settings import settings_from_run_config
+
+    with pytest.raises(ConfigError, match="run config: unknown key 'learning-rate'"):
+        settings_from_run_config({"learning-rate": 0.1})
+    with pytest.raises(ConfigError, match="--lr must be a finite number"):
+        settings_from_run_config({"lr": -1.0})
+    with pytest.raises(ConfigError, match="min-clients must be an integer in"):
+        settings_from_run_config({"clients": 3, "min-clients": 5})
+
+
+def test_pyproject_run_config_has_the_cli_defaults():
+    import tomllib
+
+    from hyperfl_fast.flower.settings import settings_from_run_config
+
+    run_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    settings = settings_from_run_config(run_config)
+    assert settings.cfg == Config(output_dir=None)  # every default as the training CLI's
+    assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - {"engine", "output-dir"}
+
+
+@pytest.mark.parametrize("method", ["hyperfl", "fedavg", "local", "dp-fedavg", "ppsgd", "centaur"])
+def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
+    """Every method's ClientApp code, driven in-process through Flower's records and its FedAvg aggregation,
+    gives the reference engine's run; uploads hold exactly the method's shared part; private state persists."""
+    from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from hyperfl_fast.flower.client_app import client_evaluation, client_round
+    from hyperfl_fast.flower.server_app import initial_global_state
+    from hyperfl_fast.flower.settings import settings_from_run_config
+
+    run_cfg = {k.replace("_", "-"): v for k, v in {**SETTINGS, "method": method, "epsilon": 50.0}.items()}
+    cfg = settings_from_run_config(run_cfg).cfg
+    shared = initial_global_state(cfg)
+    contexts = [Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": 3},
+                        state=RecordDict(), run_config=run_cfg) for i in range(3)]
+    engine, _ = prepare(dataclasses.replace(cfg, engine="reference"), log=lambda _: None)
+    for round_idx in range(2):
+        replies = [client_round(context, shared, round_idx + 1) for context in contexts]
+        expected = engine.run_round(round_idx, [0, 1, 2])
+        for (upload, metrics), want in zip(replies, expected):
+            assert set(upload) == set(shared)  # HyperFL: the hypernetwork; local: nothing
+            assert metrics["rounds-before"] == round_idx
+            assert metrics["train-loss"] == pytest.approx(want.train_loss, rel=1e-4)
+            assert metrics.get("epsilon") == (pytest.approx(want.epsilon) if cfg.method in DP_METHODS else None)
+        if shared:
+            records = [RecordDict({"arrays": ArrayRecord(up), "metrics": MetricRecord(m)}) for up, m in replies]
+            shared = aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()
+        accs = [client_evaluation(context, shared)["global-acc"] for context in contexts]
+        assert accs == pytest.approx([r.global_acc for r in expected], abs=2.5)  # one test image in 40
+    assert_equal_states(shared, engine.global_state())
+    for i, context in enumerate(contexts):
+        assert_equal_states(context.state["private"].to_torch_state_dict(), engine.client_state(i))
