@@ -1,4 +1,4 @@
-"""Command line: ``python -m hyperfl_fast.attack`` — gradient inversion against FedAvg and HyperFL.
+"""Command line: ``python -m hyperfl_fast.attack`` — gradient inversion against FedAvg, HyperFL and the DP baselines.
 
 Attacks one client's upload (one local step: the gradient; or a local round:
 the parameter change) for a batch of real images, with IG or DLG, and writes
@@ -6,6 +6,9 @@ the parameter change) for a batch of real images, with IG or DLG, and writes
 like the paper's Table 3) and ``grid.png`` (ground truth in the first row,
 then one row per attack, like the paper's Figure 5) to the output directory.
 Models are taken at initialisation, or from a ``hyperfl_fast.train`` checkpoint.
+The DP baselines' uploads are noised as in training (per-sample clipping to
+``--dp-clip``, Gaussian noise with the noise multiplier ``--sigma``, by default
+the one the paper's setting needs to spend ``--epsilon``).
 """
 from __future__ import annotations
 
@@ -24,9 +27,13 @@ from .progress import progress_bar
 from .privacy.attacks import AttackBudget, LocalTraining, reconstruct
 from .privacy.lpips import LPIPS
 from .privacy.metrics import match_to_ground_truth, psnr, ssim
-from .privacy.threats import fedavg_scenario, hyperfl_scenario
+from .dp import noise_multiplier
+from .privacy.threats import DP_UPLOADS, dp_scenario, fedavg_scenario, hyperfl_scenario
 
 VARIANTS = ("a", "b", "c")
+PAPER_DP_SAMPLE_RATE = 50 / 600  # batch 50 of a Fashion-MNIST client's 600 samples
+PAPER_DP_EPOCHS = 200 * 5  # 200 rounds of 5 local epochs
+PRIVATE_STATE_METHODS = ("hyperfl", "ppsgd", "centaur")  # a checkpoint's --client matters
 VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (true embedding + classifier)",
                  "c": "structure-aware (rank-one heads)"}
 
@@ -34,7 +41,7 @@ VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (tru
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hyperfl_fast.attack", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", nargs="+", default=["fedavg", "hyperfl"], choices=["fedavg", "hyperfl"],
+    p.add_argument("--method", nargs="+", default=["fedavg", "hyperfl"], choices=["fedavg", "hyperfl", *DP_UPLOADS],
                    help="whose upload to attack")
     p.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="HyperFL attack variants")
     p.add_argument("--setting", nargs="+", default=["step"], choices=["step", "round"],
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=1000, help="optimisation steps per restart")
     p.add_argument("--restarts", type=int, default=1, help="random restarts; the best match is kept")
     p.add_argument("--tv", type=float, default=1e-3, help="total-variation weight (IG)")
+    p.add_argument("--epsilon", type=float, default=4.0, help="DP methods: the privacy budget that sets the noise")
+    p.add_argument("--delta", type=float, default=1e-5, help="DP methods: delta of the budget")
+    p.add_argument("--dp-clip", type=float, default=0.04, help="DP methods: per-sample gradient norm bound C")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="DP methods: noise multiplier (default: what spends --epsilon over the paper's run, "
+                        f"{PAPER_DP_EPOCHS} epochs at sample rate {PAPER_DP_SAMPLE_RATE:.4f})")
     p.add_argument("--checkpoint", default=None, help="attack the models in a hyperfl_fast.train checkpoint.pt")
     p.add_argument("--client", type=int, default=0, help="which client's private parts a checkpoint provides")
     p.add_argument("--lpips-alexnet", default=None, help="local torchvision AlexNet weights (state dict) for LPIPS")
@@ -78,13 +91,15 @@ def read_checkpoint(args) -> dict:
     if wrong:
         raise ValueError(f"--checkpoint {path} holds a {saved['method']} run; it cannot serve "
                          f"--method {' '.join(wrong)}")
-    if saved["method"] == "hyperfl" and not 0 <= args.client < saved["clients"]:
+    if saved["method"] in PRIVATE_STATE_METHODS and not 0 <= args.client < saved["clients"]:
         raise ValueError(f"--client {args.client}: {path} holds clients 0 to {saved['clients'] - 1}")
     return state
 
 
 def load_models(args, spec, device):
-    """(fedavg TargetCNN, (hypernet, embedding, classifier)) on ``device``: from a checkpoint or freshly made."""
+    """(TargetCNN, (hypernet, embedding, classifier)) on ``device``: from a checkpoint or freshly made.
+
+    The TargetCNN is what FedAvg and the DP baselines' clients train."""
     if args.client < 0:
         raise ValueError(f"--client must be non-negative, got {args.client}")
     cfg = Config(dataset=args.dataset, clients=args.client + 1, seed=args.seed)
@@ -96,31 +111,41 @@ def load_models(args, spec, device):
     if args.checkpoint:
         state = read_checkpoint(args)
         try:
-            if state["config"]["method"] == "fedavg":
-                engine = state["engine"]
-                fedavg_model.load_state_dict(engine.get("model") or {k: t[0] for k, t in engine["params"].items()})
-            else:
-                hypernet, embedding, classifier = _hyperfl_parts(state["engine"], args.client, spec)
+            shared, private = _saved_states(state["engine"], args.client)
+            if state["config"]["method"] == "hyperfl":
+                hypernet, embedding, classifier = _hyperfl_parts(shared, private, spec)
+            else:  # the CNN the client trains: the global one, with its own classifier where it has one
+                fedavg_model.load_state_dict({**shared, **private})
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ValueError(f"--checkpoint {args.checkpoint} holds a {state['config']['dataset']} model, which "
                              f"does not fit --dataset {args.dataset} ({str(exc).splitlines()[0][:100]})") from None
     return fedavg_model.to(device), (hypernet.to(device), embedding.to(device), classifier.to(device))
 
 
-def _hyperfl_parts(engine: dict, client: int, spec):
-    """The global hypernetwork and one client's embedding and classifier from a HyperFL engine state."""
-    hypernet = HyperNetwork(*engine["hypernet"]["fc.weight"].shape[::-1], engine["hypernet"]["heads.weight"].shape[0])
-    hypernet.load_state_dict(engine["hypernet"])
+def _saved_states(engine: dict, client: int) -> tuple[dict, dict]:
+    """(the server's state, client ``client``'s private state) from either engine's checkpoint."""
+    if "global" in engine:  # reference engine
+        return engine["global"], engine["clients"][client]
+    if "params" in engine:  # batched fedavg, dp-fedavg
+        return {k: t[0] for k, t in engine["params"].items()}, {}
+    if "representation" in engine:  # batched ppsgd, centaur
+        return {k: t[0] for k, t in engine["representation"].items()}, {k: t[client]
+                                                                        for k, t in engine["classifier"].items()}
+    return engine["hypernet"], {"embedding": engine["client_embeddings"][client],  # batched HyperFL
+                                "classifier.weight": engine["classifier_weight"][client],
+                                "classifier.bias": engine["classifier_bias"][client]}
+
+
+def _hyperfl_parts(psi: dict, private: dict, spec):
+    """The global hypernetwork and one client's embedding and classifier as modules."""
+    hypernet = HyperNetwork(*psi["fc.weight"].shape[::-1], psi["heads.weight"].shape[0])
+    hypernet.load_state_dict(psi)
     if hypernet.heads.out_features != spec.num_feature_params:
         raise ValueError(f"it generates {hypernet.heads.out_features} weights, the model needs "
                          f"{spec.num_feature_params}")
     classifier = nn.Linear(spec.hidden, spec.num_classes)
-    if "classifiers" in engine:
-        classifier.load_state_dict(engine["classifiers"][client])
-    else:
-        classifier.load_state_dict({"weight": engine["classifier_weight"][client],
-                                    "bias": engine["classifier_bias"][client]})
-    return hypernet, engine["client_embeddings"][client], classifier
+    classifier.load_state_dict({"weight": private["classifier.weight"], "bias": private["classifier.bias"]})
+    return hypernet, private["embedding"], classifier
 
 
 def run_attacks(args, log=print) -> dict:
@@ -132,6 +157,17 @@ def run_attacks(args, log=print) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if (args.lpips_alexnet is None) != (args.lpips_linear is None):
         raise ValueError("LPIPS needs both --lpips-alexnet and --lpips-linear (or neither)")
+    for name in ("epsilon", "dp_clip", "sigma"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+    if not 0 < args.delta < 1:
+        raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
+    sigma = args.sigma
+    if sigma is None and any(m in DP_UPLOADS for m in args.method):
+        sigma = noise_multiplier(args.epsilon, args.delta, PAPER_DP_SAMPLE_RATE, PAPER_DP_EPOCHS)
+        log(f"DP uploads: noise multiplier {sigma:.3f} (epsilon {args.epsilon:g}, delta {args.delta:g}), "
+            f"clip {args.dp_clip:g}")
     device = attack_device(args.device)
     check_writable(Path(args.output_dir))
     lpips = LPIPS(args.lpips_alexnet, args.lpips_linear) if args.lpips_alexnet else None
@@ -157,6 +193,9 @@ def run_attacks(args, log=print) -> dict:
             for variant in args.variant:
                 scenarios.append(hyperfl_scenario(spec, hypernet, embedding, classifier, x, y,
                                                   LocalTraining(steps, clip=50.0), variant))
+        for method in (m for m in args.method if m in DP_UPLOADS):
+            scenarios.append(dp_scenario(method, fedavg_model, x, y,
+                                         LocalTraining(steps, dp_clip=args.dp_clip, dp_sigma=sigma), args.seed))
         for scenario in scenarios:
             log(f"attacking {scenario.name} ({setting}, {args.attack}, {args.iterations} iterations)")
             rec = reconstruct(scenario.simulate, scenario.observed, tuple(x.shape), spec.num_classes, bounds,
@@ -164,8 +203,9 @@ def run_attacks(args, log=print) -> dict:
                               progress=progress_bar(scenario.name))
             recon = match_to_ground_truth((rec.images.cpu() * std + mean).clamp(0, 1), truth)
             p, s = psnr(recon, truth), ssim(recon, truth)
-            variant = scenario.name.split("-")[1] if "-" in scenario.name else ""
-            rows.append({"method": scenario.name.split("-")[0], "variant": variant,
+            method, variant = (("hyperfl", scenario.name[len("hyperfl-"):]) if scenario.name.startswith("hyperfl-")
+                               else (scenario.name, ""))
+            rows.append({"method": method, "variant": variant,
                          "variant_name": VARIANT_NAMES.get(variant, "IG" if args.attack == "ig" else "DLG"),
                          "setting": setting, "psnr": p.mean().item(), "ssim": s.mean().item(),
                          "lpips": lpips(recon, truth).mean().item() if lpips else None,

@@ -63,6 +63,10 @@ class Config:
     epsilon: float = 4.0  # DP methods: the target privacy budget over the whole run (the authors' setting)
     delta: float = 1e-5
     dp_clip: float = 0.04  # DP methods: per-example gradient norm bound C
+    # DP methods: Poisson-sampled DP-SGD batches (each sample joins a step's batch with probability B / n, the
+    # noisy sum is divided by the expected batch size), under which the accountant's epsilon holds; False:
+    # shuffled batches, as the authors' code (the reported epsilon is then nominal)
+    poisson: bool = False
     embed_dim: int = 64
     hidden_dim: int = 128
     # "shared": every client starts from one embedding/classifier (or, for local, one CNN) draw, as the

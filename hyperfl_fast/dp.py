@@ -88,9 +88,12 @@ def per_example_grads(model: torch.nn.Module, params: dict[str, torch.Tensor],
 
 
 def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, clip: float,
-                     sigma: float | list[float], generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+                     sigma: float | list[float], generators: list[torch.Generator],
+                     denominator: float | list[float] | None = None) -> dict[str, torch.Tensor]:
     """DP-SGD's gradient: sum of per-sample gradients clipped to ``clip``, plus N(0, (sigma clip)^2), over B.
 
+    B is the batch's real size, or ``denominator`` (one, or one per client): the expected batch size under
+    Poisson sampling.
     ``valid`` (B,) or (N, B); ``sigma`` one noise multiplier, or one per client;
     ``generators`` one CPU generator per client (one without a client
     dimension): client n's noise is drawn from generators[n],
@@ -101,7 +104,8 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
     rows = valid.dim()  # per-example tensors are (*valid.shape, *param shape)
     sq_norm = sum(g.flatten(rows).pow(2).sum(-1) for g in per_example.values())  # (..., B)
     factor = (clip / (sq_norm.sqrt() + 1e-6)).clamp(max=1.0) * valid  # invalid rows contribute nothing
-    count = valid.sum(-1).clamp(min=1).to(factor.dtype)  # (...,) the batch's real size
+    count = valid.sum(-1).clamp(min=1).to(factor.dtype) if denominator is None else \
+        torch.as_tensor(denominator, dtype=factor.dtype, device=factor.device)  # (...,)
     out = {}
     for name, g in per_example.items():
         summed = (factor.view(*factor.shape, *[1] * (g.dim() - rows)) * g).sum(rows - 1)  # (..., *shape)
@@ -115,10 +119,12 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
 
 
 def dp_sgd_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                x: torch.Tensor, y: torch.Tensor, clip: float, sigma: float, generator: torch.Generator) -> None:
+                x: torch.Tensor, y: torch.Tensor, clip: float, sigma: float, generator: torch.Generator,
+                denominator: float | None = None) -> None:
     """One DP-SGD step on ``params`` the authors' way, the per-client oracle of :func:`private_gradient`:
     a backward pass per sample, each gradient clipped to ``clip``, their sum plus N(0, (sigma clip)^2) noise
-    (from ``generator``, tensor by tensor) divided by the batch size, then the optimizer's step."""
+    (from ``generator``, tensor by tensor) divided by the batch size (or ``denominator``: the expected batch
+    size under Poisson sampling; the batch may then be empty), then the optimizer's step."""
     total = [torch.zeros_like(p) for p in params]
     for xi, yi in zip(x, y):
         grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xi[None]), yi[None]), params)
@@ -127,8 +133,20 @@ def dp_sgd_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: t
         for t, g in zip(total, grads):
             t.add_(g * scale)
     for p, t in zip(params, total):
-        p.grad = (t + sigma * clip * torch.randn(t.shape, generator=generator).to(t)) / len(y)
+        p.grad = (t + sigma * clip * torch.randn(t.shape, generator=generator).to(t)) / (denominator or len(y))
     optimizer.step()
+
+
+def expected_batch_size(cfg, num_train: int) -> int:
+    """A client's expected Poisson batch size, min(B, n): the DP-SGD sum's denominator under ``--poisson``."""
+    return min(cfg.batch_size, num_train)
+
+
+def dp_batches(data, cfg, round_idx: int, epoch: int):
+    """A client's DP-SGD batches for one epoch: Poisson-sampled under ``cfg.poisson``, else shuffled."""
+    if cfg.poisson:
+        return data.poisson_batches(cfg.batch_size, cfg.seed, round_idx, epoch)
+    return data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)
 
 
 def noise_generator(seed: int, round_idx: int, client: int, epoch: int, step: int) -> torch.Generator:
@@ -146,7 +164,7 @@ class ClientPrivacy:
 
     def __init__(self, sizes: list[int], batch_size: int, epsilon: float, delta: float, rounds: int,
                  local_epochs: int):
-        self.delta, self.local_epochs = delta, local_epochs
+        self.delta, self.local_epochs, self.sizes = delta, local_epochs, list(sizes)
         self.steps_per_epoch = [math.ceil(n / batch_size) for n in sizes]
         rates = [min(batch_size, n) / n for n in sizes]
         by_rate = {rate: noise_multiplier(epsilon, delta, rate, rounds * local_epochs) for rate in set(rates)}

@@ -58,6 +58,26 @@ class ClientData:
                 x = random_crop_flip(x, gen)
             yield x, self.train_y[idx]
 
+    def poisson_batches(self, batch_size: int, seed: int, round_idx: int, epoch: int) -> Iterator[tuple]:
+        """One epoch of Poisson-sampled DP-SGD batches (:func:`poisson_masks`); a batch may be empty."""
+        gen, masks = poisson_masks(self.num_train, batch_size, seed, round_idx, self.client_id, epoch)
+        for mask in masks:
+            idx = mask.nonzero().flatten().to(self.train_y.device)
+            x = self.train_x[idx]
+            if self.augment:
+                x = random_crop_flip(x, gen)
+            yield x, self.train_y[idx]
+
+
+def poisson_masks(num_train: int, batch_size: int, seed: int, round_idx: int, client: int,
+                  epoch: int) -> tuple[torch.Generator, torch.Tensor]:
+    """One epoch of Poisson sampling for a client: ceil(n / B) steps, each sample in a step's batch with
+    probability min(B, n) / n.  Returns the epoch's generator (augmentation continues from it) and the
+    (steps, n) membership mask, drawn first from it, so every engine draws the same batches."""
+    gen = make_generator(seed, round_idx, client, epoch)
+    steps, rate = -(-num_train // batch_size), min(batch_size, num_train) / num_train
+    return gen, torch.rand(steps, num_train, generator=gen) < rate
+
 
 def build_clients(dataset: ImageDataset, splits: list[ClientSplit], device: torch.device) -> list[ClientData]:
     """Materialise every client's split as normalised tensors on ``device``."""

@@ -28,7 +28,7 @@ from .progress import progress_bar
 
 RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision"}
 # settings older checkpoints lack, with the behaviour those runs had
-LEGACY_DEFAULTS = {"client_init": "independent"}
+LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False}
 
 
 @dataclass

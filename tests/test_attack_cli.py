@@ -37,6 +37,28 @@ def test_attack_from_a_checkpoint(hyperfl_checkpoint, tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"][0]["variant"] == "c"
 
 
+@pytest.mark.parametrize("method,engine", [("hyperfl", "reference"), ("fedavg", "reference"), ("fedavg", "batched")])
+def test_attack_reads_either_engines_checkpoint(method, engine, tmp_path):
+    """The attacked model is the one saved: loading it sets the global (and, for HyperFL, the client's) state."""
+    from hyperfl_fast.attack import build_parser, load_models
+    from hyperfl_fast.models import cnn_spec
+
+    run = tmp_path / "run"
+    assert train_main(["--dataset", "synthetic", "--method", method, "--engine", engine, *TRAIN,
+                       "--output-dir", str(run)]) == 0
+    args = build_parser().parse_args(FAST + ["--method", method, "--checkpoint", str(run / "checkpoint.pt"),
+                                             "--client", "1"])
+    fedavg_model, (hypernet, embedding, classifier) = load_models(args, cnn_spec(1, 10), torch.device("cpu"))
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["engine"]
+    if method == "fedavg":
+        want = saved["global"]["fc1.weight"] if engine == "reference" else saved["params"]["fc1.weight"][0]
+        assert torch.equal(fedavg_model.fc1.weight.detach(), want)
+    else:
+        assert torch.equal(embedding, saved["clients"][1]["embedding"])
+        assert torch.equal(classifier.weight.detach(), saved["clients"][1]["classifier.weight"])
+        assert torch.equal(hypernet.heads.bias.detach(), saved["global"]["heads.bias"])
+
+
 def damaged(path, tmp_path):
     bad = tmp_path / "damaged.pt"
     bad.write_bytes(path.read_bytes()[:1000])

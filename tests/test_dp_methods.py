@@ -17,15 +17,16 @@ from conftest import small_federation
 from test_engine_equivalence import assert_same_states
 
 
-@pytest.mark.parametrize("method", ["dp-fedavg", "ppsgd", "centaur"])
-def test_batched_dp_methods_equal_the_reference_loop(method, float64):
+@pytest.mark.parametrize("method,poisson", [("dp-fedavg", False), ("ppsgd", False), ("centaur", False),
+                                            ("dp-fedavg", True), ("centaur", True)])  # centaur: shuffled + Poisson
+def test_batched_dp_methods_equal_the_reference_loop(method, poisson, float64):
     """Per-sample backward passes (reference) vs vmap'd per-example gradients (batched), same keyed noise."""
     _, clients = small_federation(clients=3, local_size=24)
     for client, size in zip(clients, [24, 17, 24]):  # a short client: partial and missing batches
         client.train_x, client.train_y = client.train_x[:size].double(), client.train_y[:size]
         client.test_x = client.test_x.double()
     cfg = Config(dataset="synthetic", method=method, clients=3, frac=0.67, local_epochs=1, batch_size=10,
-                 rounds=2, epsilon=8.0, device="cpu", seed=1)
+                 rounds=2, epsilon=8.0, device="cpu", seed=1, poisson=poisson)
     engines = [build(cnn_spec(1, 10), clients, cfg, torch.device("cpu")) for build in (build_reference,
                                                                                           build_batched)]
     for r in range(2):
@@ -89,3 +90,39 @@ def test_resuming_a_dp_run_with_other_rounds_is_refused(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="derives its noise from the rounds"):
         run(dataclasses.replace(cfg, rounds=2), resume=True, log=lambda _: None)
     assert len(run(cfg, resume=True, log=lambda _: None).rounds) == 1  # the same --rounds reads it back
+
+
+def test_poisson_batches_sample_each_record_independently():
+    """--poisson: ceil(n / B) steps per epoch, each sample in a batch with probability B / n (sizes vary, some
+    batches may be empty), keyed like every other draw; the noisy sum is divided by the expected size B."""
+    from hyperfl_fast.dp import dp_sgd_step
+    from hyperfl_fast.federation import poisson_masks
+
+    _, masks = poisson_masks(600, 50, seed=0, round_idx=3, client=7, epoch=1)
+    assert masks.shape == (12, 600)
+    assert masks.float().mean().item() == pytest.approx(50 / 600, rel=0.1)
+    assert len(set(masks.sum(1).tolist())) > 1  # batch sizes vary
+    assert torch.equal(masks, poisson_masks(600, 50, 0, 3, 7, 1)[1])
+    assert not torch.equal(masks, poisson_masks(600, 50, 0, 3, 7, 2)[1])
+    _, clients = small_federation(clients=1, local_size=30)
+    sizes = [len(y) for _, y in clients[0].poisson_batches(3, seed=0, round_idx=0, epoch=0)]
+    assert len(sizes) == 10 and 0 in sizes  # an empty batch is still a (noise-only) step
+
+    model = torch.nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    params = list(model.parameters())
+    dp_sgd_step(model, params, torch.optim.SGD(params, lr=1.0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                clip=0.5, sigma=2.0, generator=torch.Generator().manual_seed(5), denominator=10)
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(before - model.weight.detach(), 2.0 * 0.5 * noise / 10)
+
+
+def test_poisson_flag_reaches_the_run(tiny_config, tmp_path):
+    from hyperfl_fast.train import main
+
+    out = tmp_path / "run"
+    assert main(["--dataset", "synthetic", "--method", "dp-fedavg", "--poisson", "--clients", "3", "--rounds", "1",
+                 "--local-size", "40", "--test-size", "20", "--local-epochs", "1", "--batch-size", "10",
+                 "--epsilon", "50", "--device", "cpu", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["poisson"] is True and metrics["rounds"][0]["epsilon"] > 0

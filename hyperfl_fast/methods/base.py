@@ -64,6 +64,18 @@ def mean_loss_of_epoch(model, optimizer, batches) -> float:
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def record_loss(losses: list[float], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Append the model's loss on a batch, for the log (taken before the batch's steps; none for an empty one)."""
+    if len(y):
+        losses.append(F.cross_entropy(model(x), y).item())
+
+
+def mean_loss(losses: list[float]) -> float:
+    """The epoch's mean batch loss (0 if every Poisson batch was empty)."""
+    return sum(losses) / len(losses) if losses else 0.0
+
+
 class Method:
     """One federated method.  Subclasses fill in the four parts of the algorithm box.
 

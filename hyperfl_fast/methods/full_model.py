@@ -68,7 +68,9 @@ class CNNLockstep:
         else:
             params = {k: t[idx].clone() for k, t in self.params.items()}
         sgd = StackedSGD(list(params.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
-        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs))
+        poisson = range(cfg.local_epochs) if self.privacy is not None and cfg.poisson else ()
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs),
+                                 poisson)
         for epoch in progress(range(cfg.local_epochs)):
             loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
             for step, batch in enumerate(schedule.batches(epoch)):
@@ -82,9 +84,9 @@ class CNNLockstep:
                     leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
                     losses = client_losses(self.logits(batch.x, leaves), batch)
                     sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
-                loss_sum += losses.detach() * batch.active
-                loss_count += batch.active
-        train_loss = loss_sum / loss_count
+                loss_sum += losses.detach() * batch.nonempty
+                loss_count += batch.nonempty
+        train_loss = loss_sum / loss_count.clamp(min=1)  # (0 if every batch of the epoch was empty)
         local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, params))
         if self.method != "local":  # upload the whole model; the server averages by data size
             weights = self.data.num_train[idx].to(self.data.train_x.dtype)

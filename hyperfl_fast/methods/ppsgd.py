@@ -2,7 +2,9 @@
 representation; only the representation is uploaded (see :mod:`.representation_dp`)."""
 from __future__ import annotations
 
-from .representation_dp import RepresentationDP, batch_loss, classifier_step, private_representation_step
+from ..dp import dp_batches
+from .base import mean_loss, record_loss
+from .representation_dp import RepresentationDP, classifier_step, private_representation_step
 
 
 class PPSGD(RepresentationDP):
@@ -12,9 +14,8 @@ class PPSGD(RepresentationDP):
         classifier_sgd, feature_sgd = self.optimizers(model, cfg)
         for epoch in range(cfg.local_epochs):
             losses = []
-            for step, (x, y) in enumerate(data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)):
-                losses.append(batch_loss(model, x, y))
+            for step, (x, y) in enumerate(dp_batches(data, cfg, round_idx, epoch)):
+                record_loss(losses, model, x, y)
                 classifier_step(model, classifier_sgd, x, y)
-                private_representation_step(model, feature_sgd, x, y, cfg, sigma, data.client_id, round_idx, epoch,
-                                            step)
-        return sum(losses) / len(losses)
+                private_representation_step(model, feature_sgd, x, y, cfg, sigma, data, round_idx, epoch, step)
+        return mean_loss(losses)

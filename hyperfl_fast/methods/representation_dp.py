@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..batched import (Batch, RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify, client_losses,
                        client_results, private_step_grads)
 from ..config import Config
-from ..dp import ClientPrivacy, dp_sgd_step, noise_generator
+from ..dp import ClientPrivacy, dp_sgd_step, expected_batch_size, noise_generator
 from ..federation import ClientData, ClientResult, accuracy
 from ..models import CNNSpec, TargetCNN, extract_features_batched, init_private_classifiers
 from .base import ClientUpdate, Method, State, detached, sgd
@@ -27,23 +27,19 @@ CLASSIFIER_KEYS = ("fc2.weight", "fc2.bias")  # private, never uploaded
 
 def classifier_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     """A non-private SGD step of the classifier alone (``optimizer`` holds only its parameters)."""
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()
-
-
-@torch.no_grad()
-def batch_loss(model: TargetCNN, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The model's loss on a batch, for the log (taken before the batch's steps)."""
-    return F.cross_entropy(model(x), y).item()
+    if len(y):  # (an empty Poisson batch has nothing to train on)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
 
 
 def private_representation_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x, y, cfg: Config,
-                                sigma: float, client: int, round_idx: int, epoch: int, step: int) -> None:
+                                sigma: float, data: ClientData, round_idx: int, epoch: int, step: int) -> None:
     """A DP-SGD step of the representation (``optimizer``'s parameters) with the client's keyed noise."""
     features = [p for group in optimizer.param_groups for p in group["params"]]
     dp_sgd_step(model, features, optimizer, x, y, cfg.dp_clip, sigma,
-                noise_generator(cfg.seed, round_idx, client, epoch, step))
+                noise_generator(cfg.seed, round_idx, data.client_id, epoch, step),
+                expected_batch_size(cfg, data.num_train) if cfg.poisson else None)
 
 
 class RepresentationDP(Method):
@@ -116,12 +112,12 @@ class RepresentationDPLockstep:
         centaur = self.method == "centaur"
         epochs = range(1, cfg.local_epochs + 1) if centaur else range(cfg.local_epochs)
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx,
-                                 range(cfg.local_epochs + 1) if centaur else epochs)
+                                 range(cfg.local_epochs + 1) if centaur else epochs, epochs if cfg.poisson else ())
 
         def classifier_step(batch: Batch) -> None:
             leaves = {k: t.clone().requires_grad_() for k, t in head.items()}
             losses = client_losses(self.logits(batch.x, {**features, **leaves}), batch)
-            classifier_sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
+            classifier_sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.nonempty)
 
         if centaur:  # the classifier epoch, on the received representation
             for batch in schedule.batches(0):
@@ -136,9 +132,9 @@ class RepresentationDPLockstep:
                 grads = private_step_grads(self.template, features, batch, cfg, self.privacy, sampled, round_idx,
                                            epoch, step, frozen=head)
                 feature_sgd.step(grads, batch.active)
-                loss_sum += losses * batch.active
-                loss_count += batch.active
-        train_loss = loss_sum / loss_count
+                loss_sum += losses * batch.nonempty
+                loss_count += batch.nonempty
+        train_loss = loss_sum / loss_count.clamp(min=1)  # (0 if every batch of the epoch was empty)
         local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, {**features, **head}))
 
         # upload the representation only; the server averages it by data size; classifiers stay private

@@ -5,6 +5,12 @@ produced by that client's local training on a private batch (x, y).
 
 - ``fedavg``: the upload is the whole CNN's gradient / update; the server
   knows the whole model.  Labels are inferred from the classifier-bias upload.
+- ``dp-fedavg``, ``ppsgd``, ``centaur``: the client trains with record-level
+  DP-SGD, so the upload is noised (per-sample clipping to C, N(0, (sigma C)^2)
+  on the sum).  The attacker knows the shared part and the algorithm but not
+  the noise, and simulates the noiseless clipped update; for ``ppsgd`` and
+  ``centaur`` only the representation is uploaded and the client's classifier
+  is unknown (optimised with the images, like HyperFL's variant a).
 - ``hyperfl``: the upload is the hypernetwork's gradient / update (psi only);
   the client's embedding v and classifier phi are private.
   * ``a`` (IG, unknown private parts): dummy images, embedding, classifier and
@@ -43,11 +49,11 @@ class Scenario:
     diagnostics: dict  # what else the attacker learnt (variant c), for the report
 
 
-def _linear_init(out_features: int, in_features: int):
+def _linear_init(out_features: int, in_features: int, prefix: str = "cls."):
     """nn.Linear's default initialisation, drawn from the attack's generator."""
     bound = 1 / math.sqrt(in_features)
-    return {"cls.weight": lambda g: (torch.rand(out_features, in_features, generator=g) * 2 - 1) * bound,
-            "cls.bias": lambda g: (torch.rand(out_features, generator=g) * 2 - 1) * bound}
+    return {f"{prefix}weight": lambda g: (torch.rand(out_features, in_features, generator=g) * 2 - 1) * bound,
+            f"{prefix}bias": lambda g: (torch.rand(out_features, generator=g) * 2 - 1) * bound}
 
 
 # --------------------------------------------------------------------------- FedAvg
@@ -71,6 +77,37 @@ def fedavg_scenario(model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training
 
     return Scenario("fedavg", simulate, [observed[k].detach() for k in names], labels, Unknowns(),
                     {"labels_inferred": labels.tolist()})
+
+
+# --------------------------------------------------------------------------- DP baselines
+
+DP_UPLOADS = {"dp-fedavg": "the whole CNN", "ppsgd": "the representation", "centaur": "the representation"}
+
+
+def dp_scenario(method: str, model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
+                seed: int = 0) -> Scenario:
+    """A DP-SGD client's noised upload (``training.dp_clip``, ``training.dp_sigma``): the whole CNN
+    (``dp-fedavg``) or the representation with the classifier private (``ppsgd``, ``centaur``)."""
+    if method not in DP_UPLOADS:
+        raise ValueError(f"unknown DP method {method!r}; choose one of {', '.join(DP_UPLOADS)}")
+    params = {k: t.detach() for k, t in model.named_parameters()}
+    classifier = {k: params.pop(k) for k in ("fc2.weight", "fc2.bias")} if method != "dp-fedavg" else {}
+    names = list(params)  # what is uploaded
+
+    def loss_fn(p: Params, images, targets):
+        return soft_cross_entropy(functional_call(model, p, (images,)), targets)
+
+    onehot = nn.functional.one_hot(y, model.spec.num_classes).float()
+    observed = local_update(loss_fn, {k: t.clone().requires_grad_() for k, t in params.items()}, classifier, x,
+                            onehot, training, noise=torch.Generator().manual_seed(seed))
+    unknowns = Unknowns(_linear_init(model.spec.num_classes, model.spec.hidden, "fc2.") if classifier else {})
+
+    def simulate(images, targets, extras):
+        upload = local_update(loss_fn, params, extras, images, targets, training, create_graph=True)
+        return [upload[k] for k in names]
+
+    return Scenario(method, simulate, [observed[k].detach() for k in names], None, unknowns,
+                    {"noise_multiplier": training.dp_sigma, "dp_clip": training.dp_clip})
 
 
 # --------------------------------------------------------------------------- HyperFL
