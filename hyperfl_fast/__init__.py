@@ -8,8 +8,10 @@ Public API:
   ``fused_head_sgd_step``, ``batched_conv2d_leaky_pool``, ``batched_linear``; the
   precision policy ``ops.set_precision``), Triton kernels in :mod:`hyperfl_fast.kernels`;
 - training: :class:`~hyperfl_fast.config.Config` and :func:`~hyperfl_fast.runner.run`
-  (engines: :mod:`hyperfl_fast.batched`, :mod:`hyperfl_fast.reference`; errors:
+  (methods, one module each: :mod:`hyperfl_fast.methods`; engines: :mod:`hyperfl_fast.engines`,
+  :mod:`hyperfl_fast.reference`, :mod:`hyperfl_fast.batched`; errors:
   :class:`~hyperfl_fast.config.ConfigError`, :class:`~hyperfl_fast.runner.TrainingDiverged`);
+- real federations on Flower: :mod:`hyperfl_fast.flower` (``flwr run .``);
 - the paper's Table 1: :func:`~hyperfl_fast.reproduce.reproduce`;
 - privacy evaluation: :mod:`hyperfl_fast.privacy`;
 - command lines: ``python -m hyperfl_fast.train``, ``python -m hyperfl_fast.reproduce`` and

@@ -95,9 +95,11 @@ def read_audit(out: Path) -> list[dict]:
 
 
 def assert_equal_states(got: dict, want: dict) -> None:
+    """Equal to float32 tolerance: separate processes may use other thread counts, hence other summation orders,
+    and HyperFL's large first steps grow such rounding to a few 1e-6 (the engines agree to 1e-9 in float64)."""
     assert set(got) == set(want)
     for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5)
 
 
 def test_hyperfl_on_a_loopback_deployment(tmp_path):
