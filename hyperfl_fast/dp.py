@@ -171,6 +171,11 @@ class ClientPrivacy:
         self.sigmas = [by_rate[rate] for rate in rates]
         self.accountants = [PrivacyAccountant(sigma, rate) for sigma, rate in zip(self.sigmas, rates)]
 
+    @classmethod
+    def from_config(cls, sizes: list[int], cfg) -> "ClientPrivacy":
+        """Clients of ``sizes`` samples under a run's settings (batch size, epsilon, delta, rounds, epochs)."""
+        return cls(sizes, cfg.batch_size, cfg.epsilon, cfg.delta, cfg.rounds, cfg.local_epochs)
+
     def record_round(self, cids: list[int]) -> list[float]:
         """Account for one round of local training of ``cids``; returns each one's epsilon spent so far."""
         for c in cids:

@@ -19,7 +19,7 @@ def build_engine(spec: CNNSpec, clients: list[ClientData], cfg: Config, device: 
     method = get_method(cfg.method)
     torch.manual_seed(cfg.seed)
     if (engine or cfg.engine) == "batched":
-        return method.lockstep(spec, clients, cfg, device)
+        return method.lockstep(method, spec, clients, cfg, device)
     return ReferenceEngine(method, spec, clients, cfg, device)
 
 

@@ -29,8 +29,7 @@ class ReferenceEngine:
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         self.method, self.spec, self.clients, self.cfg = method, spec, clients, cfg
         self.shared, self.private = method.init_states(spec, len(clients), cfg, device)
-        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
-                                     cfg.rounds, cfg.local_epochs) if method.dp else None
+        self.privacy = ClientPrivacy.from_config([c.num_train for c in clients], cfg) if method.dp else None
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:

@@ -85,8 +85,7 @@ def client_round(context: Context, global_state: dict, server_round: int) -> tup
     ``context.state``."""
     settings, spec, data, initial = client_of(context)
     cfg, method = settings.cfg, get_method(settings.cfg.method)
-    privacy = ClientPrivacy([data.num_train], cfg.batch_size, cfg.epsilon, cfg.delta, cfg.rounds,
-                            cfg.local_epochs) if method.dp else None
+    privacy = ClientPrivacy.from_config([data.num_train], cfg) if method.dp else None
     done = rounds_trained(context)
     update = method.client_update(spec, global_state, private_state(context, initial), data, cfg, server_round - 1,
                                   privacy.sigmas[0] if privacy else None)

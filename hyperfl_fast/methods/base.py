@@ -81,7 +81,8 @@ class Method:
 
     ``dp``: the clients train with record-level DP-SGD (the engines then give
     each client its noise multiplier ``sigma`` and account for its steps).
-    ``lockstep``: the class that trains every sampled client at once.
+    ``lockstep``: the class that trains every sampled client at once
+    (``lockstep(method, spec, clients, cfg, device)``; it starts from :meth:`init_states`).
     """
 
     name: str = ""

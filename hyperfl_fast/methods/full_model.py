@@ -12,11 +12,11 @@ import torch
 
 from ..batched import (RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify, client_losses,
                        client_results, private_step_grads)
-from ..config import DP_METHODS, Config
+from ..config import Config
 from ..dp import ClientPrivacy
 from ..federation import ClientData, ClientResult
-from ..models import CNNSpec, TargetCNN, extract_features_batched, init_target_cnns
-from .base import State, load_module, mean_loss_of_epoch, sgd
+from ..models import CNNSpec, TargetCNN, extract_features_batched
+from .base import Method, State, load_module, mean_loss_of_epoch, sgd
 
 
 def cnn_from(spec: CNNSpec, state: State) -> TargetCNN:
@@ -44,16 +44,15 @@ class CNNLockstep:
 
     progress_unit = "epoch"
 
-    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
-        self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
-        self.method = cfg.method
-        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
-                                     cfg.rounds, cfg.local_epochs) if cfg.method in DP_METHODS else None
-        count = len(clients) if cfg.method == "local" else 1
-        models = init_target_cnns(spec, count, device, shared=cfg.client_init == "shared")
+    def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        self.spec, self.cfg, self.data, self.method = spec, cfg, StackedData(clients), method.name
+        self.privacy = ClientPrivacy.from_config([c.num_train for c in clients], cfg) if method.dp else None
+        shared, privates = method.init_states(spec, len(clients), cfg, device)
+        states = privates if self.method == "local" else [shared]
         # fedavg, dp-fedavg: the global model (1, ...); local: every client's model (Nc, ...)
-        self.params = {k: torch.stack([m.state_dict()[k] for m in models]) for k in models[0].state_dict()}
-        self.template = models[0].to("meta")  # the module per-example gradients are taken through (no data)
+        self.params = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        with torch.device("meta"):
+            self.template = TargetCNN(spec)  # the module per-example gradients are taken through (no data)
 
     def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         feats = extract_features_batched(x, params, self.spec)

@@ -70,15 +70,21 @@ def train_hyperfl_client(model: GeneratedCNN, data: ClientData, cfg: Config, rou
     return sum(losses) / len(losses)
 
 
-def client_model(spec: CNNSpec, psi: State, private: State) -> GeneratedCNN:
-    """A client's model from the hypernetwork ``psi`` and its private embedding and classifier (own copies)."""
+def hypernet_from(psi: State) -> HyperNetwork:
+    """A hypernetwork holding its own copies of ``psi``'s tensors."""
     hidden, embed = psi["fc.weight"].shape
     with torch.device("meta"):
         hypernet = HyperNetwork(embed, hidden, psi["heads.weight"].shape[0])
+    return load_module(hypernet, psi)
+
+
+def client_model(spec: CNNSpec, psi: State, private: State) -> GeneratedCNN:
+    """A client's model from the hypernetwork ``psi`` and its private embedding and classifier (own copies)."""
+    with torch.device("meta"):
         classifier = torch.nn.Linear(*reversed(private["classifier.weight"].shape))
-    load_module(hypernet, psi)
     load_module(classifier, {"weight": private["classifier.weight"], "bias": private["classifier.bias"]})
-    return GeneratedCNN(spec, hypernet, torch.nn.Parameter(private["embedding"].detach().clone()), classifier)
+    return GeneratedCNN(spec, hypernet_from(psi), torch.nn.Parameter(private["embedding"].detach().clone()),
+                        classifier)
 
 
 class HyperFL(Method):
@@ -107,15 +113,14 @@ class HyperFLLockstep:
     method = "hyperfl"
     progress_unit = "epoch"
 
-    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+    def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config,
+                 device: torch.device):
         self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
-        hypernet, embeddings, classifiers = init_hyperfl(spec, len(clients), cfg.embed_dim, cfg.hidden_dim,
-                                                         device, shared=cfg.client_init == "shared")
-        self.hypernet = hypernet  # the global hypernetwork psi
+        psi, privates = method.init_states(spec, len(clients), cfg, device)
+        self.hypernet = hypernet_from(psi)  # the global hypernetwork psi
         # private client state, never uploaded: (Nc, E), (Nc, K, D), (Nc, K)
-        self.client_embeddings = torch.stack([v.detach() for v in embeddings])
-        self.classifier_weight = torch.stack([c.weight.detach() for c in classifiers])
-        self.classifier_bias = torch.stack([c.bias.detach() for c in classifiers])
+        self.client_embeddings, self.classifier_weight, self.classifier_bias = (
+            torch.stack([p[k] for p in privates]) for k in PRIVATE_KEYS)
 
     def features(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return extract_features_batched(x, split_theta(theta, self.spec), self.spec)

@@ -85,18 +85,16 @@ class RepresentationDPLockstep:
 
     progress_unit = "epoch"
 
-    def __init__(self, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
-        self.spec, self.cfg, self.data, self.method = spec, cfg, StackedData(clients), cfg.method
-        model = TargetCNN(spec).to(device)
-        heads = init_private_classifiers(model, len(clients), shared=cfg.client_init == "shared")
-        self.privacy = ClientPrivacy([c.num_train for c in clients], cfg.batch_size, cfg.epsilon, cfg.delta,
-                                     cfg.rounds, cfg.local_epochs)
-        self.feature_keys = [name for name, _ in spec.feature_shapes()]
-        self.representation = {k: model.state_dict()[k].unsqueeze(0) for k in self.feature_keys}  # (1, ...)
+    def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config,
+                 device: torch.device):
+        self.spec, self.cfg, self.data, self.method = spec, cfg, StackedData(clients), method.name
+        self.privacy = ClientPrivacy.from_config([c.num_train for c in clients], cfg)
+        shared, privates = method.init_states(spec, len(clients), cfg, device)
+        self.representation = {k: t.unsqueeze(0) for k, t in shared.items()}  # (1, ...)
         # private, never uploaded: (Nc, K, D), (Nc, K)
-        self.classifier = {"fc2.weight": torch.stack([h.weight.detach() for h in heads]),
-                           "fc2.bias": torch.stack([h.bias.detach() for h in heads])}
-        self.template = model.to("meta")
+        self.classifier = {k: torch.stack([p[k] for p in privates]) for k in CLASSIFIER_KEYS}
+        with torch.device("meta"):
+            self.template = TargetCNN(spec)
 
     def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return classify(extract_features_batched(x, params, self.spec), params["fc2.weight"], params["fc2.bias"])
