@@ -41,9 +41,10 @@ def sgd(params, cfg, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def load_module(module: torch.nn.Module, state: State) -> torch.nn.Module:
-    """``module`` (built on the meta device) holding private copies of ``state``'s tensors as its parameters."""
-    module.load_state_dict({k: t.detach().clone() for k, t in state.items()}, assign=True)
+def load_module(module: torch.nn.Module, state: State, copy: bool = True) -> torch.nn.Module:
+    """``module`` (built on the meta device) holding ``state``'s tensors as its parameters: private copies to
+    train, or (``copy=False``) the tensors themselves, for evaluation only."""
+    module.load_state_dict({k: t.detach().clone() if copy else t.detach() for k, t in state.items()}, assign=True)
     return module
 
 
@@ -103,7 +104,8 @@ class Method:
         return {**global_state, **weighted_average(uploads, weights)} if uploads else global_state
 
     def predict(self, spec: CNNSpec, global_state: State, private: State) -> torch.nn.Module:
-        """The model a client would use with the global state and its private part (images -> logits)."""
+        """The model a client would use with the global state and its private part (images -> logits); it shares
+        their tensors (no copies), so it is for evaluation, not training."""
         raise NotImplementedError
 
     def global_accuracy(self, spec: CNNSpec, global_state: State, private: State, data: ClientData) -> float:

@@ -34,4 +34,4 @@ class FedAvg(Method):
         return ClientUpdate(detached(model), {}, loss, local_acc)  # upload the whole CNN
 
     def predict(self, spec, global_state, private):
-        return cnn_from(spec, global_state)
+        return cnn_from(spec, global_state, copy=False)

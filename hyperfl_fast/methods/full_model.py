@@ -19,11 +19,11 @@ from ..models import CNNSpec, TargetCNN, extract_features_batched
 from .base import Method, State, load_module, mean_loss_of_epoch, sgd
 
 
-def cnn_from(spec: CNNSpec, state: State) -> TargetCNN:
-    """A target CNN holding its own copies of ``state``'s tensors."""
+def cnn_from(spec: CNNSpec, state: State, copy: bool = True) -> TargetCNN:
+    """A target CNN holding its own copies of ``state``'s tensors (``copy=False``: the tensors themselves)."""
     with torch.device("meta"):
         model = TargetCNN(spec)
-    return load_module(model, state)
+    return load_module(model, state, copy)
 
 
 def train_full_model(model: TargetCNN, data: ClientData, cfg: Config, round_idx: int) -> float:

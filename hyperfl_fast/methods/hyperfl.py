@@ -70,20 +70,22 @@ def train_hyperfl_client(model: GeneratedCNN, data: ClientData, cfg: Config, rou
     return sum(losses) / len(losses)
 
 
-def hypernet_from(psi: State) -> HyperNetwork:
-    """A hypernetwork holding its own copies of ``psi``'s tensors."""
+def hypernet_from(psi: State, copy: bool = True) -> HyperNetwork:
+    """A hypernetwork holding its own copies of ``psi``'s tensors (``copy=False``: ``psi``'s tensors themselves)."""
     hidden, embed = psi["fc.weight"].shape
     with torch.device("meta"):
         hypernet = HyperNetwork(embed, hidden, psi["heads.weight"].shape[0])
-    return load_module(hypernet, psi)
+    return load_module(hypernet, psi, copy)
 
 
-def client_model(spec: CNNSpec, psi: State, private: State) -> GeneratedCNN:
-    """A client's model from the hypernetwork ``psi`` and its private embedding and classifier (own copies)."""
+def client_model(spec: CNNSpec, psi: State, private: State, copy: bool = True) -> GeneratedCNN:
+    """A client's model from the hypernetwork ``psi`` and its private embedding and classifier (own copies, or
+    with ``copy=False`` the given tensors themselves, for evaluation)."""
     with torch.device("meta"):
         classifier = torch.nn.Linear(*reversed(private["classifier.weight"].shape))
-    load_module(classifier, {"weight": private["classifier.weight"], "bias": private["classifier.bias"]})
-    return GeneratedCNN(spec, hypernet_from(psi), torch.nn.Parameter(private["embedding"].detach().clone()),
+    load_module(classifier, {"weight": private["classifier.weight"], "bias": private["classifier.bias"]}, copy)
+    embedding = private["embedding"].detach()
+    return GeneratedCNN(spec, hypernet_from(psi, copy), torch.nn.Parameter(embedding.clone() if copy else embedding),
                         classifier)
 
 
@@ -103,7 +105,7 @@ class HyperFL(Method):
         return ClientUpdate(model.upload(), private, loss, accuracy(model, data.test_x, data.test_y))  # 4.
 
     def predict(self, spec, global_state, private):
-        return client_model(spec, global_state, private)
+        return client_model(spec, global_state, private, copy=False)
 
 
 class HyperFLLockstep:

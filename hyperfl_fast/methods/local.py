@@ -21,4 +21,4 @@ class Local(Method):
         return ClientUpdate({}, detached(model), loss, accuracy(model, data.test_x, data.test_y))  # no upload
 
     def predict(self, spec, global_state, private):
-        return cnn_from(spec, private)  # no global model: a client's figure is its own model's
+        return cnn_from(spec, private, copy=False)  # no global model: a client's figure is its own model's

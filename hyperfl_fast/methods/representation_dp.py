@@ -71,7 +71,7 @@ class RepresentationDP(Method):
         return ClientUpdate(upload, private, loss, accuracy(model, data.test_x, data.test_y))
 
     def predict(self, spec, global_state, private):
-        return cnn_from(spec, {**global_state, **private})
+        return cnn_from(spec, {**global_state, **private}, copy=False)
 
 
 class RepresentationDPLockstep:
