@@ -16,6 +16,8 @@
   record lists the clients that failed.  With fewer, the run stops with an
   error naming the round, and the files keep the last complete round.
   Before each round the server waits until ``min-clients`` nodes are connected.
+- **Reproducible aggregation.**  Replies are averaged in partition-id order,
+  so a run's global state does not depend on which client answered first.
 """
 from __future__ import annotations
 
@@ -99,7 +101,9 @@ class UploadAuditingFedAvg(FedAvg):
         return good
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        good = self._check_replies(server_round, replies, "train")
+        # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which reply came first
+        good = sorted(self._check_replies(server_round, replies, "train"),
+                      key=lambda msg: int(msg.content["metrics"]["partition-id"]))
         for msg in good:
             metrics = msg.content["metrics"]
             pid = int(metrics["partition-id"])
