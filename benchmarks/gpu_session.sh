@@ -10,7 +10,8 @@
 # Writes under $OUT (default runs/gpu): versions.txt, tests.log, bench.log, bench.json, train.log,
 # metrics.json, profile.log.  The profile part runs .gpu-tools/profile_round.py (copy it there from
 # ../shared/tools/; .gpu-tools/ is git-ignored) for both ops paths.
-# PARTS (default "tests bench train"), ROUNDS (default 200) and DEVICE (default cuda) choose the work.
+# PARTS (default "tests bench train"; "graphs" trains again with --cuda-graphs into train-graphs.log),
+# ROUNDS (default 200) and DEVICE (default cuda) choose the work.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 PARTS=" ${PARTS:-tests bench train} "
@@ -45,4 +46,10 @@ if [[ $PARTS == *" train "* ]]; then
     >"$OUT/train.log" 2>&1
   tail -n 4 "$OUT/train.log"
   cp /tmp/hyperfl-gpu-run/metrics.json "$OUT/"
+fi
+if [[ $PARTS == *" graphs "* ]]; then
+  python3 -m hyperfl_fast.train --rounds "$ROUNDS" --device "$DEVICE" --cuda-graphs \
+    --output-dir /tmp/hyperfl-gpu-graphs --overwrite >"$OUT/train-graphs.log" 2>&1
+  tail -n 4 "$OUT/train-graphs.log"
+  cp /tmp/hyperfl-gpu-graphs/metrics.json "$OUT/metrics-graphs.json"
 fi

@@ -236,20 +236,29 @@ class FactoredHeads:
 
     W0 (P, H) is the round's global head matrix, shared by every client;
     u (N, S, P) and v (N, S, H) hold each step's rank-one gradient factors.
-    See the module docs for the recurrences.
+    See the module docs for the recurrences.  The next step's slot is a device
+    tensor and every update is in place, so a step can be captured in a CUDA
+    graph; with ``static`` the products run over all S slots (the unused ones
+    are zero) instead of the steps taken so far, which keeps their shapes fixed.
     """
 
-    def __init__(self, w0: torch.Tensor, num_clients: int, max_steps: int):
+    def __init__(self, w0: torch.Tensor, num_clients: int, max_steps: int, static: bool = False):
         p, h = w0.shape
-        self.w0, self.steps = w0, 0
+        self.w0, self.static, self.steps = w0, static, 0
+        self.slot = torch.zeros(1, dtype=torch.long, device=w0.device)  # the next step's slot
         self.u = w0.new_zeros(num_clients, max_steps, p)
         self.v = w0.new_zeros(num_clients, max_steps, h)
         self.alpha, self.gamma = w0.new_ones(num_clients), w0.new_zeros(num_clients)
         self.beta, self.delta = w0.new_zeros(num_clients, max_steps), w0.new_zeros(num_clients, max_steps)
 
+    @property
+    def span(self) -> int:
+        """How many slots the products read: the steps taken so far, or all of them when ``static``."""
+        return self.u.shape[1] if self.static else self.steps
+
     def matvec(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """W_n h_n + bias_n for every client: (N, H), (N, P) -> (N, P)."""
-        s = self.steps
+        s = self.span
         out = torch.addmm(bias, self.alpha[:, None] * h, self.w0.t())  # one GEMM against the shared W0
         if s:
             coeff = self.beta[:, :s] * torch.bmm(self.v[:, :s], h.unsqueeze(2)).squeeze(2)  # (N, s)
@@ -258,7 +267,7 @@ class FactoredHeads:
 
     def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
         """W_nᵀ g_n for every client: (N, P) -> (N, H)."""
-        s = self.steps
+        s = self.span
         out = (self.alpha[:, None] * g) @ self.w0
         if s:
             # g_nᵀ U_nᵀ as a row-vector product: with MKL several times faster than U_n g_n
@@ -270,29 +279,30 @@ class FactoredHeads:
     def sgd_step(self, grad_u: torch.Tensor, grad_v: torch.Tensor, active: torch.Tensor, lr: float,
                  momentum: float, weight_decay: float) -> None:
         """SGD with gradient grad_u ⊗ grad_v ((N, P), (N, H), already clipped) for the active clients."""
-        s = self.steps
-        self.u[:, s], self.v[:, s] = grad_u, grad_v
+        self.u.index_copy_(1, self.slot, grad_u.unsqueeze(1))
+        self.v.index_copy_(1, self.slot, grad_v.unsqueeze(1))
         gamma = momentum * self.gamma + weight_decay * self.alpha
         delta = momentum * self.delta + weight_decay * self.beta
-        delta[:, s] = 1.0  # this step's gradient enters the buffer with weight 1
+        delta.index_fill_(1, self.slot, 1.0)  # this step's gradient enters the buffer with weight 1
         alpha, beta = self.alpha - lr * gamma, self.beta - lr * delta
         keep = active[:, None]
-        self.gamma = torch.where(active, gamma, self.gamma)
-        self.alpha = torch.where(active, alpha, self.alpha)
-        self.delta = torch.where(keep, delta, self.delta)
-        self.beta = torch.where(keep, beta, self.beta)
+        self.gamma.copy_(torch.where(active, gamma, self.gamma))
+        self.alpha.copy_(torch.where(active, alpha, self.alpha))
+        self.delta.copy_(torch.where(keep, delta, self.delta))
+        self.beta.copy_(torch.where(keep, beta, self.beta))
+        self.slot += 1
         self.steps += 1
 
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
         """sum_n weights_n W_n as one GEMM over the stacked factors: (P, H)."""
-        s = self.steps
+        s = self.span
         scaled_v = (self.v[:, :s] * (weights[:, None] * self.beta[:, :s])[:, :, None]).flatten(0, 1)  # (N s, H)
         low_rank = self.u[:, :s].flatten(0, 1).t() @ scaled_v  # (P, H)
         return low_rank.addcmul_(self.w0, (weights * self.alpha).sum())  # the scale stays on the device
 
     def materialize(self, n: int) -> torch.Tensor:
         """Client n's head matrix W_n (P, H): what it would upload."""
-        s = self.steps
+        s = self.span
         return self.alpha[n] * self.w0 + (self.u[n, :s] * self.beta[n, :s, None]).t() @ self.v[n, :s]
 
 

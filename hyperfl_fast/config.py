@@ -79,6 +79,9 @@ class Config:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # "tf32": TF32 tensor cores in cuBLAS, cuDNN and the Triton kernels (about 1e-3 relative)
+    # hyperfl, batched engine, CUDA: replay each local step from a CUDA graph (hyperfl_fast.graphs); off by
+    # default until the test suite has passed with it on a GPU
+    cuda_graphs: bool = False
     data_dir: str = "data"
     output_dir: str | None = None  # None = runs/<dataset>-<method>
 
@@ -111,6 +114,11 @@ class Config:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available")
+        if self.cuda_graphs and (self.method, self.engine) != ("hyperfl", "batched"):
+            raise ConfigError(f"--cuda-graphs: only hyperfl's batched engine captures its steps, not "
+                              f"{self.method} on the {self.engine} engine")
+        if self.cuda_graphs and self.torch_device().type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA device (--device cuda)")
         return self
 
     def torch_device(self) -> torch.device:

@@ -26,7 +26,7 @@ from .models import cnn_spec
 from .partition import partition
 from .progress import progress_bar
 
-RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision"}
+RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs"}
 # settings older checkpoints lack, with the behaviour those runs had
 LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False}
 
@@ -191,7 +191,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         rounds = state["rounds"]
         log(f"resumed from {checkpoint} after round {len(rounds)}")
     log(f"{cfg.method} on {cfg.dataset}: {cfg.clients} clients, frac {cfg.frac}, {cfg.rounds} rounds, "
-        f"engine {cfg.engine}, device {device}; ops: {ops_paths}")
+        f"engine {cfg.engine}, device {device}; ops: {ops_paths}"
+        + ("; steps: CUDA graphs" if cfg.cuda_graphs else ""))
 
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=d.precision,
                    help="fp32 (full float32; TF32 off in cuBLAS/cuDNN) or tf32 (TF32 tensor cores, about 1e-3 "
                         "relative error; GPU only)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="hyperfl, batched engine, CUDA: capture each local step in a CUDA graph and replay it "
+                        "(experimental, off by default)")
     p.add_argument("--data-dir", default=d.data_dir,
                    help="dataset folder: fashion-mnist/ (else /usr/share/datasets/fashion-mnist), EMNIST/raw/, "
                         "cifar-10-batches-py/, CINIC-10/")

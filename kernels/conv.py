@@ -63,6 +63,14 @@ def _blocks(configs) -> dict:
 
 
 @triton.jit
+def _taps(k_start, kk, KS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Reduction indices k_start + [0, BLOCK_K) over (channel, kh, kw): (index, in range, channel, tap, kh, kw)."""
+    rk = k_start + tl.arange(0, BLOCK_K)
+    r = rk % (KS * KS)
+    return rk, rk < kk, rk // (KS * KS), r, r // KS, r % KS
+
+
+@triton.jit
 def _im2col_tile(x_rows, ci, kh, kw, oy, ox, row_ok, k_ok, H, W, PAD):
     """x values (BLOCK_M, BLOCK_K) feeding output pixels (oy, ox) of each row through taps (ci, kh, kw)."""
     iy = oy[:, None] + kh[None, :] - PAD
@@ -92,10 +100,7 @@ def _conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, B, C, H, W, COUT,
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, kk, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < kk
-        ci, r = rk // (KS * KS), rk % (KS * KS)
-        kh, kw = r // KS, r % KS
+        rk, k_ok, ci, r, kh, kw = _taps(k0, kk, KS, BLOCK_K)
         wv = tl.load(w_client + co[None, :] * kk + rk[:, None], mask=k_ok[:, None] & (co[None, :] < COUT),
                      other=0.0)  # (BLOCK_K, BLOCK_N), shared by the four pool positions
         acc0 += tl.dot(_im2col_tile(x_rows, ci, kh, kw, 2 * py, 2 * px, row_ok, k_ok, H, W, PAD), wv,
@@ -134,10 +139,7 @@ def _conv_dw_kernel(x_ptr, dy_ptr, y_ptr, win_ptr, dw_part_ptr, db_part_ptr, B, 
     hwp = HP * WP
     rows = B * hwp
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = rk < kk
-    ci, r = rk // (KS * KS), rk % (KS * KS)
-    kh, kw = r // KS, r % KS
+    rk, k_ok, ci, r, kh, kw = _taps(pid_k * BLOCK_K, kk, KS, BLOCK_K)
     acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     start = s * RPS
@@ -192,10 +194,7 @@ def _conv_dx_kernel(dy_ptr, y_ptr, win_ptr, w_ptr, dx_ptr, B, C, H, W, COUT, HP,
     row_ok = m < B * hw
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, kk, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < kk
-        co, r = rk // (KS * KS), rk % (KS * KS)
-        kh, kw = r // KS, r % KS
+        rk, k_ok, co, r, kh, kw = _taps(k0, kk, KS, BLOCK_K)
         oy = iy[:, None] + PAD - kh[None, :]  # (BLOCK_M, BLOCK_K): the conv output pixel each tap reaches
         ox = ix[:, None] + PAD - kw[None, :]
         inside = row_ok[:, None] & k_ok[None, :] & (oy >= 0) & (ox >= 0) & (oy < 2 * HP) & (ox < 2 * WP)

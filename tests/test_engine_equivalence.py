@@ -30,9 +30,9 @@ def federation(in_channels, sizes):
     return clients
 
 
-def run_both(cfg, clients, rounds):
+def run_both(cfg, clients, rounds, device=torch.device("cpu")):
     spec = cnn_spec(clients[0].train_x.shape[1], 10)
-    engines = [build(spec, clients, cfg, torch.device("cpu")) for build in (build_reference, build_batched)]
+    engines = [build(spec, clients, cfg, device) for build in (build_reference, build_batched)]
     history = []
     for r in range(rounds):
         sampled = sample_clients(len(clients), cfg.frac, cfg.seed, r)
@@ -77,12 +77,14 @@ def test_batched_engine_equals_reference_with_augmentation(float64):
     assert_same_states(ref, batched, 3)
 
 
-def test_factored_heads_equal_explicit_sgd():
-    """The factored heads track W and its momentum buffer exactly, with per-client gating."""
+@pytest.mark.parametrize("static", [False, True], ids=["steps-so-far", "static-shapes"])
+def test_factored_heads_equal_explicit_sgd(static):
+    """The factored heads track W and its momentum buffer exactly, with per-client gating (checked after 4 of
+    6 slots, so the static form also reads unused slots)."""
     torch.manual_seed(0)
     n, p, h, lr, momentum, wd = 3, 11, 5, 0.1, 0.5, 0.01
     w0 = torch.randn(p, h)
-    heads = FactoredHeads(w0, n, max_steps=4)
+    heads = FactoredHeads(w0, n, max_steps=6, static=static)
     w, buf = w0.expand(n, p, h).clone(), torch.zeros(n, p, h)
     for step in range(4):
         active = torch.tensor([True, step != 2, step < 2])

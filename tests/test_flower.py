@@ -217,7 +217,8 @@ def test_pyproject_run_config_has_the_cli_defaults():
     run_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     settings = settings_from_run_config(run_config)
     assert settings.cfg == Config(output_dir=None)  # every default as the training CLI's
-    assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - {"engine", "output-dir"}
+    in_process_only = {"engine", "output-dir", "cuda-graphs"}
+    assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - in_process_only
 
 
 @pytest.mark.parametrize("method", ["hyperfl", "local", "dp-fedavg", "ppsgd"])

@@ -34,11 +34,11 @@ class CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def syncs_in_one_round(method, local_epochs, monkeypatch, dataset="synthetic"):
+def syncs_in_one_round(method, local_epochs, monkeypatch, dataset="synthetic", cuda_graphs=False):
     in_channels = 3 if dataset == "synthetic-rgb" else 1
     _, clients = small_federation(in_channels, clients=3, local_size=40)
     cfg = Config(dataset=dataset, method=method, clients=3, local_epochs=local_epochs, batch_size=15,
-                 device="cpu")
+                 device="cpu", cuda_graphs=cuda_graphs)
     engine = build_batched(cnn_spec(in_channels, 10), clients, cfg, torch.device("cpu"))
     real_tolist = torch.Tensor.tolist
     counter = CountSyncs()
@@ -49,11 +49,12 @@ def syncs_in_one_round(method, local_epochs, monkeypatch, dataset="synthetic"):
     return counter.counts
 
 
-@pytest.mark.parametrize("method,dataset", [("hyperfl", "synthetic"), ("hyperfl", "synthetic-rgb"),
-                                            ("fedavg", "synthetic"), ("local", "synthetic")])
-def test_round_syncs_are_few_and_do_not_grow_with_steps(method, dataset, monkeypatch):
-    short = syncs_in_one_round(method, 1, monkeypatch, dataset)
-    long = syncs_in_one_round(method, 3, monkeypatch, dataset)  # 3x the steps
+@pytest.mark.parametrize("method,dataset,cuda_graphs", [
+    ("hyperfl", "synthetic", False), ("hyperfl", "synthetic-rgb", False), ("hyperfl", "synthetic", True),
+    ("fedavg", "synthetic", False), ("local", "synthetic", False)])
+def test_round_syncs_are_few_and_do_not_grow_with_steps(method, dataset, cuda_graphs, monkeypatch):
+    short = syncs_in_one_round(method, 1, monkeypatch, dataset, cuda_graphs)
+    long = syncs_in_one_round(method, 3, monkeypatch, dataset, cuda_graphs)  # 3x the steps
     assert long == short
     assert sum(short.values()) <= 1, short  # the round's figures, read to the host in one copy
 

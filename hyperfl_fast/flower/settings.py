@@ -29,7 +29,7 @@ class FlowerSettings:
 
 def settings_from_run_config(run_config: dict) -> FlowerSettings:
     """Validate a Flower run config; raises :class:`ConfigError` naming the first bad key."""
-    fields = set(Config.field_names()) - {"output_dir"}
+    fields = set(Config.field_names()) - {"output_dir", "cuda_graphs"}  # clients train one by one
     values = {}
     for key, value in run_config.items():
         name = key.replace("-", "_")

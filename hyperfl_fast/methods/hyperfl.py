@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..batched import (FactoredHeads, RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify,
+from ..batched import (Batch, FactoredHeads, RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify,
                        client_losses, client_results, clip_coefficient)
 from ..config import Config
 from ..federation import ClientData, ClientResult, accuracy
+from ..graphs import StepGraph
 from ..models import (CNNSpec, GeneratedCNN, HyperNetwork, extract_features_batched, init_hyperfl, split_theta)
 from .base import ClientUpdate, Method, State, detached, load_module, sgd
 
@@ -124,6 +125,12 @@ class HyperFLLockstep:
         self.client_embeddings, self.classifier_weight, self.classifier_bias = (
             torch.stack([p[k] for p in privates]) for k in PRIVATE_KEYS)
 
+    def stepper(self, step: Callable[[Batch], None]) -> Callable[[Batch], None]:
+        """``step`` itself, or with ``--cuda-graphs`` run on static buffers and captured on a GPU."""
+        if not self.cfg.cuda_graphs:
+            return step
+        return StepGraph(step, capture=self.client_embeddings.is_cuda)
+
     def features(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return extract_features_batched(x, split_theta(theta, self.spec), self.spec)
 
@@ -141,42 +148,53 @@ class HyperFLLockstep:
                                      psi["heads.bias"])  # (N, P)
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs + 1))
         classifier_sgd = StackedSGD([cls_w, cls_b], cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
-        for batch in schedule.batches(0):
+
+        def classifier_step(batch: Batch) -> None:
             with torch.no_grad():
                 feats = self.features(batch.x, theta)
             w, b = cls_w.clone().requires_grad_(), cls_b.clone().requires_grad_()
             loss = client_losses(classify(feats, w, b), batch).sum()  # each client's own loss
             classifier_sgd.step(list(torch.autograd.grad(loss, [w, b])), batch.active)
 
+        run_step = self.stepper(classifier_step)
+        for batch in schedule.batches(0):
+            run_step(batch)
+
         # 2. hypernetwork phase: psi_n and v_n in lockstep, classifier frozen
-        heads = FactoredHeads(psi["heads.weight"], n, schedule.num_steps * cfg.local_epochs)
+        heads = FactoredHeads(psi["heads.weight"], n, schedule.num_steps * cfg.local_epochs, static=cfg.cuda_graphs)
         fc_w = psi["fc.weight"].expand(n, -1, -1).clone()  # (N, H, E)
         fc_b = psi["fc.bias"].expand(n, -1).clone()  # (N, H)
         head_b = psi["heads.bias"].expand(n, -1).clone()  # (N, P)
         hyper_sgd = StackedSGD([fc_w, fc_b, head_b], cfg.lr, cfg.momentum, cfg.weight_decay)
         embedding_sgd = StackedSGD([embedding], cfg.lr, cfg.momentum, cfg.weight_decay)
+        loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+
+        def hypernet_step(batch: Batch) -> None:
+            pre = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2)  # (N, H)
+            hidden = pre.relu()
+            theta = heads.matvec(hidden, head_b).requires_grad_()  # (N, P)
+            losses = client_losses(classify(self.features(batch.x, theta), cls_w, cls_b), batch)
+            (d_theta,) = torch.autograd.grad(losses.sum(), theta)
+            # chain rule theta -> (psi_n, v_n), by hand
+            d_pre = heads.rmatvec(d_theta) * (pre > 0)  # (N, H)
+            d_fc_w = d_pre.unsqueeze(2) * embedding.unsqueeze(1)  # (N, H, E)
+            d_embedding = torch.bmm(d_pre.unsqueeze(1), fc_w).squeeze(1)  # (N, E)
+            hyper_norm = (ops.head_grad_sq_norm(d_theta, hidden) + d_fc_w.pow(2).sum((1, 2))
+                          + d_pre.pow(2).sum(1)).sqrt()
+            c_hyper = clip_coefficient(hyper_norm, cfg.grad_clip)[:, None]
+            c_embed = clip_coefficient(d_embedding.norm(dim=1), cfg.grad_clip)[:, None]
+            d_theta.mul_(c_hyper)  # clipped in place; the heads' weight gradient is d_theta ⊗ hidden
+            heads.sgd_step(d_theta, hidden, batch.active, cfg.lr, cfg.momentum, cfg.weight_decay)
+            hyper_sgd.step([d_fc_w * c_hyper[:, :, None], d_pre * c_hyper, d_theta], batch.active)
+            embedding_sgd.step([d_embedding * c_embed], batch.active)
+            loss_sum.add_(losses.detach() * batch.active)
+            loss_count.add_(batch.active)
+
+        run_step = self.stepper(hypernet_step)
         for epoch in progress(range(1, cfg.local_epochs + 1)):
-            loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+            loss_sum.zero_(), loss_count.zero_()  # the mean loss of the last epoch is reported
             for batch in schedule.batches(epoch):
-                pre = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2)  # (N, H)
-                hidden = pre.relu()
-                theta = heads.matvec(hidden, head_b).requires_grad_()  # (N, P)
-                losses = client_losses(classify(self.features(batch.x, theta), cls_w, cls_b), batch)
-                (d_theta,) = torch.autograd.grad(losses.sum(), theta)
-                # chain rule theta -> (psi_n, v_n), by hand
-                d_pre = heads.rmatvec(d_theta) * (pre > 0)  # (N, H)
-                d_fc_w = d_pre.unsqueeze(2) * embedding.unsqueeze(1)  # (N, H, E)
-                d_embedding = torch.bmm(d_pre.unsqueeze(1), fc_w).squeeze(1)  # (N, E)
-                hyper_norm = (ops.head_grad_sq_norm(d_theta, hidden) + d_fc_w.pow(2).sum((1, 2))
-                              + d_pre.pow(2).sum(1)).sqrt()
-                c_hyper = clip_coefficient(hyper_norm, cfg.grad_clip)[:, None]
-                c_embed = clip_coefficient(d_embedding.norm(dim=1), cfg.grad_clip)[:, None]
-                d_theta.mul_(c_hyper)  # clipped in place; the heads' weight gradient is d_theta ⊗ hidden
-                heads.sgd_step(d_theta, hidden, batch.active, cfg.lr, cfg.momentum, cfg.weight_decay)
-                hyper_sgd.step([d_fc_w * c_hyper[:, :, None], d_pre * c_hyper, d_theta], batch.active)
-                embedding_sgd.step([d_embedding * c_embed], batch.active)
-                loss_sum += losses.detach() * batch.active
-                loss_count += batch.active
+                run_step(batch)
         train_loss = loss_sum / loss_count  # mean loss of the last epoch, per client
 
         # local accuracy: each client's own trained hypernetwork, embedding and classifier

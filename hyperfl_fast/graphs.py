@@ -1,0 +1,72 @@
+"""CUDA-graph capture of a lockstep engine's local steps (``--cuda-graphs``, off by default).
+
+A lockstep step is a few hundred small kernel launches for all clients at
+once; on a GPU their launch cost, not their arithmetic, bounds a round.  A
+:class:`StepGraph` runs a step function on *static* batch buffers: each call
+copies the batch in, and from the third call on (two eager warm-up steps, so
+cuBLAS/cuDNN handles, Triton autotuning and cuDNN's benchmark run outside
+capture) replays one recorded CUDA graph instead of launching the step's
+kernels one by one.  Steps must therefore keep fixed shapes and update their
+state in place (see ``FactoredHeads(static=True)``); the recorded graph reads
+and writes the same tensors on every replay.
+
+Without ``capture`` (on the CPU) the step runs eagerly on the same static
+buffers, which is how the CPU tests check the static-shape step against the
+reference engine.  If capture fails, the step warns once and runs eagerly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable
+
+import torch
+
+from .batched import Batch
+
+WARMUP_STEPS = 2  # eager steps before capture (on a side stream, as torch.cuda.graph asks)
+
+
+class StepGraph:
+    """``step(batch)`` on static copies of the batches; captured into a CUDA graph with ``capture``."""
+
+    def __init__(self, step: Callable[[Batch], None], capture: bool):
+        self.step, self.capture = step, capture
+        self.static: Batch | None = None  # the buffers the step (and the graph) reads
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+
+    def __call__(self, batch: Batch) -> None:
+        fields = [f.name for f in dataclasses.fields(Batch)]
+        if self.static is None:
+            self.static = Batch(*(getattr(batch, f).clone() for f in fields))
+        else:
+            for f in fields:
+                getattr(self.static, f).copy_(getattr(batch, f))
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture and self.calls > WARMUP_STEPS:
+            self._capture_and_run()
+        elif self.capture:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(self.static)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.step(self.static)
+
+    def _capture_and_run(self) -> None:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step(self.static)  # recorded, not run
+        except RuntimeError as exc:
+            warnings.warn(f"--cuda-graphs: capture failed ({str(exc).splitlines()[0][:160]}); "
+                          "running the steps eagerly", RuntimeWarning, stacklevel=3)
+            self.capture = False
+            self.step(self.static)
+            return
+        self.graph = graph
+        graph.replay()
