@@ -34,16 +34,26 @@ def vmap_generate(v, fc_w, fc_b, head_w, head_b):
 
 
 @pytest.mark.benchmark(group="generate")
-@pytest.mark.parametrize("path", ["reference", "torch", "vmap", "triton"])
+@pytest.mark.parametrize("path", ["reference", "torch", "vmap", "triton", "triton-autotuned"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-client"])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_generate(benchmark, copy_bandwidth, model, shared, path):
-    skip_unless_available(path)
+def test_generate(benchmark, copy_bandwidth, model, shared, path, monkeypatch):
+    """``triton-autotuned``: the per-client GEMV autotuned over its block configs (kernels.generate)."""
+    skip_unless_available(path.removesuffix("-autotuned"))
+    tuned = path == "triton-autotuned"
+    if tuned:
+        if shared:
+            pytest.skip("only the per-client GEMV is autotuned")
+        from hyperfl_fast.kernels import generate
+        monkeypatch.setattr(generate, "TUNE_PER_CLIENT", True)
+        path = "triton"
     p = MODELS[model].num_feature_params
     args = hypernet_tensors(p, shared)
     fn = (lambda: vmap_generate(*args)) if path == "vmap" else (lambda: ops.generate_weights(*args, path=path))
     with torch.no_grad():
         median = timed(benchmark, fn)
+    if tuned:  # which block configuration won, for RESULTS.md
+        benchmark.extra_info["gemv_config"] = str(generate._gemv_tuned.best_config)
     head_bytes = p * H * 4 * (1 if shared else N_CLIENTS)
     report_bandwidth(benchmark, median, head_bytes + N_CLIENTS * p * 4, copy_bandwidth)
 

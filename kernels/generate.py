@@ -11,8 +11,18 @@ Backward: ``dh = head_weightᵀ dtheta`` is a split-P GEMV (partial sums per
 block of rows, reduced deterministically); the per-client head-weight gradient
 is the outer product ``dtheta ⊗ h`` and nothing larger is materialised.  The
 first layer (H x E = 128 x 64 per client) is tiny; its backward is plain torch.
+
+The per-client GEMV streams 20 x 59 MB of head matrices and is bound by memory
+bandwidth.  It runs with ``GEMV_CONFIGS[0]`` (64 rows per program, 4 warps:
+63% / 83% of copy bandwidth on an H100, fmnist / cifar).  With
+``TUNE_PER_CLIENT = True`` it is autotuned over all of ``GEMV_CONFIGS``
+instead (larger tiles, more warps, more bytes in flight); that becomes the
+default only once a GPU benchmark (``benchmarks/test_ops_bench.py``,
+``triton-autotuned``) shows it faster.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,7 +30,13 @@ import triton.language as tl
 
 from .bmm import bmm
 
-BLOCK_P = 64  # rows of the head matrix per program step
+BLOCK_P = 64  # rows of the head matrix per program step (transposed GEMV, outer product)
+GEMV_CONFIGS = [triton.Config({"BLOCK_R": 64}, num_warps=4),  # the measured default
+                triton.Config({"BLOCK_R": 128}, num_warps=4),
+                triton.Config({"BLOCK_R": 128}, num_warps=8),
+                triton.Config({"BLOCK_R": 256}, num_warps=8),
+                triton.Config({"BLOCK_R": 32}, num_warps=2)]
+TUNE_PER_CLIENT = False  # selectable; not a default until measured (see the module docs)
 
 
 @triton.jit
@@ -70,16 +86,26 @@ def _outer_kernel(a_ptr, b_ptr, out_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: t
     tl.store(out_ptr + n * R * C + rr[:, None] * C + rc[None, :], a[:, None] * b[None, :], mask=mask)
 
 
+# the per-client GEMV autotuned over GEMV_CONFIGS (the interpreter cannot time kernels: never there)
+_gemv_tuned = None if os.environ.get("TRITON_INTERPRET") == "1" else \
+    triton.autotune(configs=GEMV_CONFIGS, key=["R", "C"])(_gemv_kernel)
+
+
 def gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """act(w[n] @ x[n] + bias[n]) for every n: w (N, R, C) or shared (R, C), x (N, C) -> (N, R)."""
     n, c = x.shape
     r = w.shape[-2]
     out = torch.empty(n, r, device=x.device, dtype=torch.float32)
     shared = w.dim() == 2
-    grid = (triton.cdiv(r, BLOCK_P), n)
-    _gemv_kernel[grid](w, x, bias, out, r, c, 0 if shared else w.stride(0), w.stride(-2), x.stride(0),
-                       0 if bias.dim() == 1 else bias.stride(0), out.stride(0),
-                       RELU=relu, BLOCK_R=BLOCK_P, BLOCK_C=min(128, triton.next_power_of_2(c)))
+    args = (w, x, bias, out, r, c, 0 if shared else w.stride(0), w.stride(-2), x.stride(0),
+            0 if bias.dim() == 1 else bias.stride(0), out.stride(0))
+    block_c = min(128, triton.next_power_of_2(c))
+    if TUNE_PER_CLIENT and not shared and _gemv_tuned is not None:
+        _gemv_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), n)](*args, RELU=relu, BLOCK_C=block_c)
+    else:
+        config = GEMV_CONFIGS[0]
+        _gemv_kernel[(triton.cdiv(r, config.kwargs["BLOCK_R"]), n)](*args, RELU=relu, BLOCK_C=block_c,
+                                                                     num_warps=config.num_warps, **config.kwargs)
     return out
 
 

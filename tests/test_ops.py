@@ -66,6 +66,18 @@ def test_generate_weights(path, n, e, h, p, shared, poisoned):
     check_against_reference(ops.generate_weights, inputs, path)
 
 
+@pytest.mark.parametrize("config", range(5))
+def test_every_per_client_gemv_block_config_is_correct(config, monkeypatch, poisoned):
+    """Each block configuration the per-client GEMV may be autotuned over (``TUNE_PER_CLIENT``)."""
+    from hyperfl_fast.kernels import generate
+
+    assert len(generate.GEMV_CONFIGS) == 5
+    monkeypatch.setattr(generate, "GEMV_CONFIGS", [generate.GEMV_CONFIGS[config]])  # the launcher's fixed one
+    n, e, h, p = 3, 16, 128, 300  # 300 rows: off every block size
+    inputs = [rand(n, e), rand(n, h, e) / 4, rand(n, h), rand(n, p, h) / math.sqrt(h), rand(n, p)]
+    check_against_reference(ops.generate_weights, inputs, "triton")
+
+
 # --------------------------------------------------------------------------- batched linear
 
 @pytest.mark.parametrize("path", FAST_PATHS)
