@@ -25,6 +25,7 @@ import torch
 from .batched import Batch
 
 WARMUP_STEPS = 2  # eager steps before capture (on a side stream, as torch.cuda.graph asks)
+BATCH_FIELDS = [f.name for f in dataclasses.fields(Batch)]
 
 
 class StepGraph:
@@ -37,11 +38,10 @@ class StepGraph:
         self.calls = 0
 
     def __call__(self, batch: Batch) -> None:
-        fields = [f.name for f in dataclasses.fields(Batch)]
         if self.static is None:
-            self.static = Batch(*(getattr(batch, f).clone() for f in fields))
+            self.static = Batch(*(getattr(batch, f).clone() for f in BATCH_FIELDS))
         else:
-            for f in fields:
+            for f in BATCH_FIELDS:
                 getattr(self.static, f).copy_(getattr(batch, f))
         self.calls += 1
         if self.graph is not None:

@@ -192,7 +192,8 @@ class HyperFLLockstep:
 
         run_step = self.stepper(hypernet_step)
         for epoch in progress(range(1, cfg.local_epochs + 1)):
-            loss_sum.zero_(), loss_count.zero_()  # the mean loss of the last epoch is reported
+            loss_sum.zero_()  # the mean loss of the last epoch is reported
+            loss_count.zero_()
             for batch in schedule.batches(epoch):
                 run_step(batch)
         train_loss = loss_sum / loss_count  # mean loss of the last epoch, per client
