@@ -64,6 +64,16 @@ class StackedData:
         self.num_test = torch.tensor([len(c.test_y) for c in clients], device=device)
         self.augment = clients[0].augment
 
+    def weights(self, idx: torch.Tensor) -> torch.Tensor:
+        """(N,) the shares of clients ``idx`` in their total training samples: FedAvg's aggregation weights."""
+        sizes = self.num_train[idx].to(self.train_x.dtype)
+        return sizes / sizes.sum()
+
+
+def weighted_mean(weights: torch.Tensor, stacked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The server's average of stacked per-client tensors (N, ...) with ``weights`` (N,): each (1, ...)."""
+    return {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in stacked.items()}
+
 
 @dataclass
 class Batch:

@@ -6,8 +6,6 @@ weighted by data size.  Clients keep nothing between rounds.
 """
 from __future__ import annotations
 
-import torch
-
 from ..federation import accuracy
 from ..models import init_target_cnns
 from .base import ClientUpdate, Method, detached
@@ -29,9 +27,7 @@ class FedAvg(Method):
     def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
         model = cnn_from(spec, global_state)  # receive the global CNN
         loss = self.train(model, data, cfg, round_idx, sigma)
-        with torch.no_grad():
-            local_acc = accuracy(model, data.test_x, data.test_y)
-        return ClientUpdate(detached(model), {}, loss, local_acc)  # upload the whole CNN
+        return ClientUpdate(detached(model), {}, loss, accuracy(model, data.test_x, data.test_y))  # upload all
 
     def predict(self, spec, global_state, private):
         return cnn_from(spec, global_state, copy=False)

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..batched import (RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify, client_losses,
-                       client_results, private_step_grads)
+                       client_results, private_step_grads, weighted_mean)
 from ..config import Config
 from ..dp import ClientPrivacy
 from ..federation import ClientData, ClientResult
@@ -88,9 +88,7 @@ class CNNLockstep:
         train_loss = loss_sum / loss_count.clamp(min=1)  # (0 if every batch of the epoch was empty)
         local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, params))
         if self.method != "local":  # upload the whole model; the server averages by data size
-            weights = self.data.num_train[idx].to(self.data.train_x.dtype)
-            weights = weights / weights.sum()
-            self.params = {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in params.items()}
+            self.params = weighted_mean(self.data.weights(idx), params)
             global_params = {k: t.expand(n, *t.shape[1:]) for k, t in self.params.items()}
             global_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, global_params))
         else:

@@ -205,8 +205,7 @@ class HyperFLLockstep:
                                      lambda x: classify(self.features(x, local_theta), cls_w, cls_b))
 
         # upload and aggregate: the weighted mean of the clients' hypernetworks (nothing else leaves them)
-        weights = self.data.num_train[idx].to(fc_w.dtype)
-        weights = weights / weights.sum()
+        weights = self.data.weights(idx)
         self.hypernet.load_state_dict({
             "fc.weight": torch.einsum("n,nhe->he", weights, fc_w),
             "fc.bias": weights @ fc_b,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batched import (Batch, RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify, client_losses,
-                       client_results, private_step_grads)
+                       client_results, private_step_grads, weighted_mean)
 from ..config import Config
 from ..dp import ClientPrivacy, dp_sgd_step, expected_batch_size, noise_generator
 from ..federation import ClientData, ClientResult, accuracy
@@ -136,9 +136,7 @@ class RepresentationDPLockstep:
         local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, {**features, **head}))
 
         # upload the representation only; the server averages it by data size; classifiers stay private
-        weights = self.data.num_train[idx].to(self.data.train_x.dtype)
-        weights = weights / weights.sum()
-        self.representation = {k: torch.einsum("n,n...->...", weights, t).unsqueeze(0) for k, t in features.items()}
+        self.representation = weighted_mean(self.data.weights(idx), features)
         for k, t in head.items():
             self.classifier[k][idx] = t
         shared = {k: t.expand(n, *t.shape[1:]) for k, t in self.representation.items()}
