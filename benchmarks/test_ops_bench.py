@@ -34,26 +34,17 @@ def vmap_generate(v, fc_w, fc_b, head_w, head_b):
 
 
 @pytest.mark.benchmark(group="generate")
-@pytest.mark.parametrize("path", ["reference", "torch", "vmap", "triton", "triton-autotuned"])
+@pytest.mark.parametrize("path", ["reference", "torch", "vmap", "triton"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-client"])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_generate(benchmark, copy_bandwidth, model, shared, path, monkeypatch):
-    """``triton-autotuned``: the per-client GEMV autotuned over its block configs (kernels.generate)."""
-    skip_unless_available(path.removesuffix("-autotuned"))
-    tuned = path == "triton-autotuned"
-    if tuned:
-        if shared:
-            pytest.skip("only the per-client GEMV is autotuned")
-        from hyperfl_fast.kernels import generate
-        monkeypatch.setattr(generate, "TUNE_PER_CLIENT", True)
-        path = "triton"
+def test_generate(benchmark, copy_bandwidth, model, shared, path):
+    """The per-client Triton GEMV is autotuned over its block configurations (kernels.generate)."""
+    skip_unless_available(path)
     p = MODELS[model].num_feature_params
     args = hypernet_tensors(p, shared)
     fn = (lambda: vmap_generate(*args)) if path == "vmap" else (lambda: ops.generate_weights(*args, path=path))
     with torch.no_grad():
         median = timed(benchmark, fn)
-    if tuned:  # which block configuration won, for RESULTS.md
-        benchmark.extra_info["gemv_config"] = str(generate._gemv_tuned.best_config)
     head_bytes = p * H * 4 * (1 if shared else N_CLIENTS)
     report_bandwidth(benchmark, median, head_bytes + N_CLIENTS * p * 4, copy_bandwidth)
 
@@ -164,3 +155,25 @@ def test_conv_layer(benchmark, model, layer, path, phase):
     flops = 2 * N_CLIENTS * batch * out_pixels * conv.out_channels * conv.in_channels * k * k
     passes = 1 if phase == "forward" else (2 if x.requires_grad else 1)  # backward: dW, plus dx past layer 1
     benchmark.extra_info["gflop_per_s"] = round(passes * flops / median / 1e9, 1)
+
+
+@pytest.mark.benchmark(group="factored-heads")
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["generate", "rmatvec"])
+def test_factored_heads(benchmark, copy_bandwidth, op, path):
+    """The hypernetwork phase's generation and its transpose at the round's full span (60 slots, fmnist): both
+    stream the rank-one factors u (N, 60, P) once, 556 MB, which sets their floor."""
+    skip_unless_available(path)
+    p, s = MODELS["fmnist"].num_feature_params, 60
+    w0, u, v = torch.randn(p, H, device=DEVICE) / 11, torch.randn(N_CLIENTS, s, p, device=DEVICE) / 100, \
+        torch.randn(N_CLIENTS, s, H, device=DEVICE)
+    alpha, beta = torch.rand(N_CLIENTS, device=DEVICE), torch.randn(N_CLIENTS, s, device=DEVICE)
+    emb, fc_w, fc_b = torch.randn(N_CLIENTS, E, device=DEVICE), torch.randn(N_CLIENTS, H, E, device=DEVICE) / 8, \
+        torch.randn(N_CLIENTS, H, device=DEVICE)
+    bias = torch.randn(N_CLIENTS, p, device=DEVICE)
+    if op == "generate":
+        fn = lambda: ops.factored_generate(emb, fc_w, fc_b, bias, w0, u, v, alpha, beta, s, path=path)  # noqa: E731
+    else:
+        fn = lambda: ops.factored_rmatvec(bias, w0, u, v, alpha, beta, s, path=path)  # noqa: E731
+    median = timed(benchmark, fn)
+    report_bandwidth(benchmark, median, (u.numel() + w0.numel() + 2 * bias.numel()) * 4, copy_bandwidth)

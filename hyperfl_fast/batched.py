@@ -16,19 +16,8 @@ generator, same shuffle, same augmentation draws, see
 **masked**: a step where a client has no batch leaves all its state unchanged,
 and a partial last batch averages the loss over its valid rows only.
 
-Heads in factored form.  For one client the hypernetwork heads' gradient at
-step s is the outer product ``dtheta_s ⊗ h_s`` (P x H, rank one).  Under SGD with
-momentum and weight decay, the heads and their momentum buffer therefore stay
-exactly in the span of the round's starting matrix W0 and these rank-one terms::
-
-    W_t   = alpha_t * W0 + sum_s beta_{t,s} * u_s v_sᵀ       (u_s = c_s dtheta_s,  v_s = h_s)
-    buf_t = gamma_t * W0 + sum_s delta_{t,s} * u_s v_sᵀ
-
-with scalar recurrences (``FactoredHeads.sgd_step``).  Generation is then one
-GEMM against the shared W0 plus a thin low-rank term, the backward likewise,
-and the optimizer step touches only scalars: no pass over the 59 MB per-client
-head matrices at all.  The server's weighted average of the clients' W_n is
-one GEMM over the stacked factors, equal to averaging the materialised uploads.
+The HyperFL hypernetwork phase keeps every client's heads in factored form: see
+:mod:`hyperfl_fast.lockstep_hypernet`.
 """
 from __future__ import annotations
 
@@ -42,6 +31,7 @@ from .config import Config
 from .dp import ClientPrivacy, expected_batch_size, noise_generator, per_example_grads, private_gradient
 from .data import apply_crop_flip, draw_crop_flip
 from .federation import ClientData, ClientResult, make_generator, poisson_masks
+from .ops.sgd import masked_sgd_
 
 
 # --------------------------------------------------------------------------- data and schedules
@@ -122,8 +112,9 @@ class RoundSchedule:
         # one host-to-device copy per round each: (E, N, total), (E, N, total), (E, 3, N, total)
         self.rows, self.valid, self.aug = stack(1).to(device), stack(2).to(device), stack(3).to(device)
         self.client_idx = torch.tensor(cids, device=device)[:, None]
-        self.client_steps = torch.tensor([-(-data.clients[c].num_train // self.batch_size) for c in cids],
-                                         device=device)  # (N,)
+        client_steps = torch.tensor([-(-data.clients[c].num_train // self.batch_size) for c in cids],
+                                    device=device)  # (N,)
+        self.active = torch.arange(self.num_steps, device=device)[:, None] < client_steps  # (steps, N)
 
     def _shuffled(self, data, cids, seed, round_idx, epoch):
         """(batch width, rows, valid, aug) of one shuffled epoch: the reference's randperm, batch by batch."""
@@ -165,16 +156,19 @@ class RoundSchedule:
         return width, rows, valid, aug
 
     def batches(self, epoch: int) -> Iterable[Batch]:
-        """The steps of ``epoch`` (one of the schedule's epochs), each a batched gather for all clients."""
+        """The steps of ``epoch`` (one of the schedule's epochs): the epoch's samples are gathered (and augmented)
+        for all clients at once, and each step's batch is a view of them."""
         data, e = self.data, self.epochs.index(epoch)
         rows, valid, aug, width = self.rows[e], self.valid[e], self.aug[e], self.widths[e]
+        used = slice(0, self.num_steps * width)
+        x = data.train_x[self.client_idx, rows[:, used]]  # (N, steps * width, C, H, W)
+        if data.augment:
+            x = apply_crop_flip(x.flatten(0, 1), *(a[:, used].flatten() for a in aug[:2]),
+                                aug[2, :, used].flatten().bool()).reshape(x.shape).contiguous()
+        y = data.train_y[self.client_idx, rows[:, used]]  # (N, steps * width)
         for step in range(self.num_steps):
             cols = slice(step * width, (step + 1) * width)
-            x = data.train_x[self.client_idx, rows[:, cols]]  # (N, B, C, H, W)
-            if data.augment:
-                x = apply_crop_flip(x.flatten(0, 1), *(a[:, cols].flatten() for a in aug[:2]),
-                                    aug[2, :, cols].flatten().bool()).view_as(x)
-            yield Batch(x, data.train_y[self.client_idx, rows[:, cols]], valid[:, cols], step < self.client_steps)
+            yield Batch(x[:, cols], y[:, cols], valid[:, cols], self.active[step])
 
 
 def client_results(cids: list[int], *per_client: torch.Tensor, epsilons: list[float] | None = None
@@ -212,108 +206,16 @@ def batched_accuracy(data: StackedData, cids: list[int], logits_fn: Callable[[to
 
 # --------------------------------------------------------------------------- optimizers
 
-def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``clip_grad_norm_``'s scale factor per client: min(1, max_norm / (norm + 1e-6))."""
-    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
-
-
 class StackedSGD:
-    """``torch.optim.SGD`` (momentum, weight decay) on stacked per-client tensors (N, ...).
-
-    Inactive clients keep their parameters and buffers.  Buffers start at zero,
-    which equals SGD's first step (buf = d) exactly.  The update runs in place,
-    three passes per tensor; masking is by per-client factors that are exactly
-    1 or 0, so active clients get torch's arithmetic and inactive ones none.
-    """
+    """``torch.optim.SGD`` (momentum, weight decay) on stacked per-client tensors (N, ...): the arithmetic of
+    :func:`hyperfl_fast.ops.sgd.masked_sgd_` (inactive clients keep their parameters and buffers)."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, weight_decay: float):
         self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
         self.bufs = [torch.zeros_like(p) for p in params]
 
-    @torch.no_grad()
     def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> None:
-        on = active.to(self.params[0].dtype)  # (N,) 1 = active, 0 = inactive
-        momentum = on.new_full(on.shape, self.momentum).masked_fill_(~active, 1.0)
-        for p, g, buf in zip(self.params, grads, self.bufs):
-            shape = (-1, *([1] * (p.dim() - 1)))
-            d_p = g.add(p, alpha=self.weight_decay)  # as torch.optim.SGD: g + wd * p
-            buf.mul_(momentum.view(shape)).addcmul_(d_p, on.view(shape))  # m * buf + d  (inactive: buf)
-            p.addcmul_(buf, (-self.lr * on).view(shape))  # p - lr * buf  (inactive: p)
-
-
-class FactoredHeads:
-    """Per-client head matrices W_n = alpha_n W0 + sum_s beta_{n,s} u_{n,s} v_{n,s}ᵀ under exact SGD.
-
-    W0 (P, H) is the round's global head matrix, shared by every client;
-    u (N, S, P) and v (N, S, H) hold each step's rank-one gradient factors.
-    See the module docs for the recurrences.  The next step's slot is a device
-    tensor and every update is in place, so a step can be captured in a CUDA
-    graph; with ``static`` the products run over all S slots (the unused ones
-    are zero) instead of the steps taken so far, which keeps their shapes fixed.
-    """
-
-    def __init__(self, w0: torch.Tensor, num_clients: int, max_steps: int, static: bool = False):
-        p, h = w0.shape
-        self.w0, self.static, self.steps = w0, static, 0
-        self.slot = torch.zeros(1, dtype=torch.long, device=w0.device)  # the next step's slot
-        self.u = w0.new_zeros(num_clients, max_steps, p)
-        self.v = w0.new_zeros(num_clients, max_steps, h)
-        self.alpha, self.gamma = w0.new_ones(num_clients), w0.new_zeros(num_clients)
-        self.beta, self.delta = w0.new_zeros(num_clients, max_steps), w0.new_zeros(num_clients, max_steps)
-
-    @property
-    def span(self) -> int:
-        """How many slots the products read: the steps taken so far, or all of them when ``static``."""
-        return self.u.shape[1] if self.static else self.steps
-
-    def matvec(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """W_n h_n + bias_n for every client: (N, H), (N, P) -> (N, P)."""
-        s = self.span
-        out = torch.addmm(bias, self.alpha[:, None] * h, self.w0.t())  # one GEMM against the shared W0
-        if s:
-            coeff = self.beta[:, :s] * torch.bmm(self.v[:, :s], h.unsqueeze(2)).squeeze(2)  # (N, s)
-            out.unsqueeze(1).baddbmm_(coeff.unsqueeze(1), self.u[:, :s])  # += sum_s coeff_s u_s, in place
-        return out
-
-    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
-        """W_nᵀ g_n for every client: (N, P) -> (N, H)."""
-        s = self.span
-        out = (self.alpha[:, None] * g) @ self.w0
-        if s:
-            # g_nᵀ U_nᵀ as a row-vector product: with MKL several times faster than U_n g_n
-            coeff = self.beta[:, :s] * torch.bmm(g.unsqueeze(1), self.u[:, :s].transpose(1, 2)).squeeze(1)  # (N, s)
-            out = out + torch.bmm(coeff.unsqueeze(1), self.v[:, :s]).squeeze(1)
-        return out
-
-    @torch.no_grad()
-    def sgd_step(self, grad_u: torch.Tensor, grad_v: torch.Tensor, active: torch.Tensor, lr: float,
-                 momentum: float, weight_decay: float) -> None:
-        """SGD with gradient grad_u ⊗ grad_v ((N, P), (N, H), already clipped) for the active clients."""
-        self.u.index_copy_(1, self.slot, grad_u.unsqueeze(1))
-        self.v.index_copy_(1, self.slot, grad_v.unsqueeze(1))
-        gamma = momentum * self.gamma + weight_decay * self.alpha
-        delta = momentum * self.delta + weight_decay * self.beta
-        delta.index_fill_(1, self.slot, 1.0)  # this step's gradient enters the buffer with weight 1
-        alpha, beta = self.alpha - lr * gamma, self.beta - lr * delta
-        keep = active[:, None]
-        self.gamma.copy_(torch.where(active, gamma, self.gamma))
-        self.alpha.copy_(torch.where(active, alpha, self.alpha))
-        self.delta.copy_(torch.where(keep, delta, self.delta))
-        self.beta.copy_(torch.where(keep, beta, self.beta))
-        self.slot += 1
-        self.steps += 1
-
-    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        """sum_n weights_n W_n as one GEMM over the stacked factors: (P, H)."""
-        s = self.span
-        scaled_v = (self.v[:, :s] * (weights[:, None] * self.beta[:, :s])[:, :, None]).flatten(0, 1)  # (N s, H)
-        low_rank = self.u[:, :s].flatten(0, 1).t() @ scaled_v  # (P, H)
-        return low_rank.addcmul_(self.w0, (weights * self.alpha).sum())  # the scale stays on the device
-
-    def materialize(self, n: int) -> torch.Tensor:
-        """Client n's head matrix W_n (P, H): what it would upload."""
-        s = self.span
-        return self.alpha[n] * self.w0 + (self.u[n, :s] * self.beta[n, :s, None]).t() @ self.v[n, :s]
+        masked_sgd_(self.params, grads, self.bufs, active, self.lr, self.momentum, self.weight_decay)
 
 
 def private_step_grads(template: torch.nn.Module, trainable: dict[str, torch.Tensor], batch: Batch, cfg: Config,

@@ -14,7 +14,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -56,6 +58,53 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({**state, "sha256": state_digest(state)}, tmp)
     os.replace(tmp, path)
+
+
+def host_copy(obj):
+    """``obj`` (nested dicts, lists, tensors) with every tensor copied to host memory: a snapshot that later
+    in-place updates of the originals cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes a round's checkpoint (and whatever follows it, e.g. the metrics) on a thread while the next round
+    trains.  One write is in flight at a time: :meth:`submit` first waits for the previous one (and re-raises its
+    error), and :meth:`close` waits for the last, so a run that stops, or is interrupted, keeps every finished
+    round.  The state is snapshotted to host memory before :meth:`submit` returns."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, path: Path, state: dict, then: Callable[[], None] = lambda: None) -> None:
+        self.wait()
+        snapshot = host_copy(state)
+
+        def write():
+            try:
+                save_checkpoint(path, snapshot)
+                then()
+            except BaseException as exc:  # reported by the next submit() or close()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="hyperfl-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    close = wait
 
 
 def load_checkpoint(path: Path, device: torch.device,

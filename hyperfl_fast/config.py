@@ -16,6 +16,7 @@ HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-mode
 ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
 PRECISIONS = ("fp32", "tf32")  # as hyperfl_fast.ops.precision
+DISPATCH_MODES = ("measured", "static")  # as hyperfl_fast.ops.dispatch
 MAX_LR = 10.0  # a larger learning rate is refused as a likely typo (the paper's are 0.02 and 0.1)
 DEFAULT_ROUNDS = 20  # fits `make train` (batched engine) on a 2-core CPU; the paper trains 200 rounds
 
@@ -82,6 +83,10 @@ class Config:
     # hyperfl, batched engine, CUDA: replay each local step from a CUDA graph (hyperfl_fast.graphs); off by
     # default until the test suite has passed with it on a GPU
     cuda_graphs: bool = False
+    # which path each op takes on CUDA: "measured" (the fastest correct one on this GPU, timed at first use and
+    # cached on disk) or "static" (the table in hyperfl_fast.ops.dispatch); on the CPU every op takes torch
+    dispatch: str = "measured"
+    ops_path: str | None = None  # override: one path for every op ("triton") or per op ("conv=triton,linear=torch")
     data_dir: str = "data"
     output_dir: str | None = None  # None = runs/<dataset>-<method>
 
@@ -110,6 +115,14 @@ class Config:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
+        if self.ops_path is not None:
+            from .ops.dispatch import DISPATCH, parse_overrides
+            try:
+                parse_overrides(self.ops_path, DISPATCH.ops, "--ops-path")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -1,7 +1,8 @@
 """A whole training run: data, partition, engine, the round loop, checkpoints and metrics.
 
-A checkpoint is written after every round (atomically), so a crash loses at
-most the round in flight; ``resume=True`` continues from it and, because every
+A checkpoint is written after every round (atomically, on a background thread
+while the next round trains, see :class:`~hyperfl_fast.checkpoint.BackgroundWriter`),
+so a crash loses at most the round in flight; ``resume=True`` continues from it and, because every
 random draw is keyed by (seed, round, client, epoch), gives the same result as
 a run that never stopped.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Callable
 import torch
 
 from . import ops
-from .checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint, write_csv, write_json
+from .checkpoint import (BackgroundWriter, CheckpointError, check_writable, load_checkpoint, write_csv,
+                         write_json)
 from .config import DP_METHODS, HEADLINE, HEADLINE_NAMES, Config, ConfigError
 from .data import load_dataset
 from .engines import build_engine
@@ -26,7 +29,7 @@ from .models import cnn_spec
 from .partition import partition
 from .progress import progress_bar
 
-RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs"}
+RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs", "dispatch", "ops_path"}
 # settings older checkpoints lack, with the behaviour those runs had
 LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False}
 
@@ -92,10 +95,12 @@ def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
                           "with the same --rounds")
 
 
-def write_metrics(out: Path, cfg: Config, rounds: list[dict]) -> None:
-    """metrics.json (settings, headline, every round) and metrics.csv (one row per round) in ``out``."""
+def write_metrics(out: Path, cfg: Config, rounds: list[dict], ops_stats: dict | None = None) -> None:
+    """metrics.json (settings, headline, every round, and the ops' paths, calls and measured times) and
+    metrics.csv (one row per round) in ``out``."""
     headline = {"metric": HEADLINE[cfg.method], "name": HEADLINE_NAMES[HEADLINE[cfg.method]]}
-    write_json(out / "metrics.json", {"config": cfg.to_dict(), "headline": headline, "rounds": rounds})
+    write_json(out / "metrics.json", {"config": cfg.to_dict(), "headline": headline, "rounds": rounds,
+                                      **({"ops": ops_stats} if ops_stats else {})})
     columns = ["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"]
     write_csv(out / "metrics.csv", columns, [[r[c] for c in columns] for r in rounds])
 
@@ -158,9 +163,16 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     """
     cfg.validate()
     try:
-        ops_paths = ops.describe_paths(cfg.torch_device())
-    except ValueError as exc:  # HYPERFL_OPS_PATH names no path, or triton without a GPU or the interpreter
+        ops.DISPATCH.set_overrides(cfg.ops_path)
+        ops.DISPATCH.set_mode(cfg.dispatch)
+        ops.DISPATCH.check_environment()
+    except ValueError as exc:  # HYPERFL_OPS_PATH or HYPERFL_DISPATCH is malformed
         raise ConfigError(str(exc)) from None
+    device = cfg.torch_device()
+    forced = ops.DISPATCH.current_overrides()
+    if "triton" in forced.values() and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("the triton ops path needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernels "
+                          "on the CPU, for checking only)")
     out = output_dir_for(cfg)
     check_writable(out)
     checkpoint = out / "checkpoint.pt"
@@ -179,8 +191,15 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         raise ConfigError(f"--output-dir {out} holds another run's results; pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --output-dir")
     ops.set_precision(cfg.precision)
-    ops_paths = ops.describe_paths(cfg.torch_device())  # with the precision now in force
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape, as the measured dispatch does
+    if cfg.ops_path or forced:
+        ops_paths = f"forced {cfg.ops_path or os.environ.get(ops.ENV_VAR)}"
+    else:
+        ops_paths = f"dispatch {cfg.dispatch}" if device.type == "cuda" else "torch (CPU)"
+    ops_paths += f"; precision {cfg.precision}"
     engine, device = prepare(cfg, log)
+    ops.DISPATCH.reset_stats()
     rounds: list[dict] = []
     if state is not None:
         try:
@@ -194,6 +213,17 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         f"engine {cfg.engine}, device {device}; ops: {ops_paths}"
         + ("; steps: CUDA graphs" if cfg.cuda_graphs else ""))
 
+    first_round, writer = len(rounds), BackgroundWriter()
+    try:
+        _train(cfg, engine, rounds, first_round, out, checkpoint, writer, log)
+    finally:
+        writer.close()  # the last finished round is on disk before run() returns, or the interrupt goes on
+    return RunResult(cfg, rounds, out)
+
+
+def _train(cfg: Config, engine, rounds: list[dict], first_round: int, out: Path, checkpoint: Path,
+           writer: BackgroundWriter, log: Callable[[str], None]) -> None:
+    """The round loop: train, check, then hand the round's checkpoint and metrics to ``writer``."""
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients, cfg.frac, cfg.seed, round_idx)
@@ -208,9 +238,11 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
             raise TrainingDiverged(f"round {round_idx + 1}: training diverged (non-finite {problem}); {kept}. "
                                    f"Try {advice}")
         rounds.append(record)
-        save_checkpoint(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": rounds})
-        write_metrics(out, cfg, rounds)
+        finished, ops_stats = list(rounds), ops.DISPATCH.stats()
+        writer.submit(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": finished},
+                      then=lambda: write_metrics(out, cfg, finished, ops_stats))
         log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
             f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | "
             + (f"epsilon {record['epsilon']:.3f} | " if "epsilon" in record else "") + f"{record['seconds']:6.1f} s")
-    return RunResult(cfg, rounds, out)
+        if round_idx in (first_round, cfg.rounds - 1):  # which path each op took, after the first round and the last
+            log(f"ops: {ops.DISPATCH.describe()}")

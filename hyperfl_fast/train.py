@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="hyperfl, batched engine, CUDA: capture each local step in a CUDA graph and replay it "
                         "(experimental, off by default)")
+    p.add_argument("--dispatch", default=d.dispatch,
+                   help="measured or static. CUDA: measured = each op's fastest correct path (torch or Triton), timed on this GPU at its "
+                        "first use and cached in ~/.cache/hyperfl_fast; static = the table measured on an H100")
+    p.add_argument("--ops-path", default=None,
+                   help="force a path for every op (torch, triton or reference) or per op, e.g. "
+                        "conv2d_leaky_pool=triton,linear=torch (overrides --dispatch and HYPERFL_OPS_PATH)")
     p.add_argument("--data-dir", default=d.data_dir,
                    help="dataset folder: fashion-mnist/ (else /usr/share/datasets/fashion-mnist), EMNIST/raw/, "
                         "cifar-10-batches-py/, CINIC-10/")

@@ -2,48 +2,44 @@
 
 Two cases:
 
-- shared hypernetwork (fc_weight (H, E), head_weight (P, H)): the heads are one
-  GEMM over all clients (:mod:`bmm`), reading the P x H matrix once;
-- per-client hypernetworks (fc_weight (N, H, E), head_weight (N, P, H)): a
-  batched GEMV, memory-bound, reading each client's matrix once.
+- shared hypernetwork (fc_weight (H, E), head_weight (P, H)): the heads are one GEMM over all clients
+  (:mod:`.bmm`), reading the P x H matrix once;
+- per-client hypernetworks (fc_weight (N, H, E), head_weight (N, P, H)): a batched GEMV, memory-bound,
+  reading each client's matrix once.
 
-Backward: ``dh = head_weightᵀ dtheta`` is a split-P GEMV (partial sums per
-block of rows, reduced deterministically); the per-client head-weight gradient
-is the outer product ``dtheta ⊗ h`` and nothing larger is materialised.  The
-first layer (H x E = 128 x 64 per client) is tiny; its backward is plain torch.
+Backward: ``dh = head_weightᵀ dtheta`` is a split-P GEMV (partial sums per block of rows, reduced
+deterministically); the per-client head-weight gradient is the outer product ``dtheta ⊗ h`` and nothing
+larger is materialised.  The first layer (H x E = 128 x 64 per client) is tiny; its backward is plain torch.
 
-The per-client GEMV streams 20 x 59 MB of head matrices and is bound by memory
-bandwidth.  It runs with ``GEMV_CONFIGS[0]`` (64 rows per program, 4 warps:
-63% / 83% of copy bandwidth on an H100, fmnist / cifar).  With
-``TUNE_PER_CLIENT = True`` it is autotuned over all of ``GEMV_CONFIGS``
-instead (larger tiles, more warps, more bytes in flight); that becomes the
-default only once a GPU benchmark (``benchmarks/test_ops_bench.py``,
-``triton-autotuned``) shows it faster.
+The per-client GEMV streams 20 x 59 MB of head matrices and is bound by memory bandwidth: it is autotuned
+over ``GEMV_CONFIGS`` (32-256 rows per program, 2-8 warps) per shape on the GPU it runs on
+(:mod:`.launch`).  Client offsets are int64: 20 clients' (P, H) heads are already 296 M values, and the
+offsets of a few hundred clients pass 2³¹.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .bmm import bmm
+from .launch import launch, tuned
 
 BLOCK_P = 64  # rows of the head matrix per program step (transposed GEMV, outer product)
-GEMV_CONFIGS = [triton.Config({"BLOCK_R": 64}, num_warps=4),  # the measured default
+GEMV_CONFIGS = [triton.Config({"BLOCK_R": 64}, num_warps=4),  # the configuration measured on an H100
                 triton.Config({"BLOCK_R": 128}, num_warps=4),
                 triton.Config({"BLOCK_R": 128}, num_warps=8),
                 triton.Config({"BLOCK_R": 256}, num_warps=8),
                 triton.Config({"BLOCK_R": 32}, num_warps=2)]
-TUNE_PER_CLIENT = False  # selectable; not a default until measured (see the module docs)
 
 
+@tuned(GEMV_CONFIGS, ["R", "C", "RELU"])
 @triton.jit
 def _gemv_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, R, C, stride_wn, stride_wr, stride_xn, stride_bn, stride_on,
                  RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[n, r] = act(sum_c w[n, r, c] * x[n, c] + bias[n, r]); stride_wn = 0 shares w."""
-    pid, n = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
     rr = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -62,7 +58,8 @@ def _gemv_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, R, C, stride_wn, stride_wr, st
 def _gemv_t_partial_kernel(w_ptr, g_ptr, part_ptr, R, C, rows_per_prog, stride_wn, stride_wr, stride_gn,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """part[n, pid, c] = sum over this program's rows r of w[n, r, c] * g[n, r] (C <= BLOCK_C)."""
-    pid, n = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
@@ -77,7 +74,8 @@ def _gemv_t_partial_kernel(w_ptr, g_ptr, part_ptr, R, C, rows_per_prog, stride_w
 @triton.jit
 def _outer_kernel(a_ptr, b_ptr, out_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[n, r, c] = a[n, r] * b[n, c] (contiguous)."""
-    pid, n = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
     rr = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rc = tl.arange(0, BLOCK_C)
     a = tl.load(a_ptr + n * R + rr, mask=rr < R, other=0.0)
@@ -86,26 +84,18 @@ def _outer_kernel(a_ptr, b_ptr, out_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: t
     tl.store(out_ptr + n * R * C + rr[:, None] * C + rc[None, :], a[:, None] * b[None, :], mask=mask)
 
 
-# the per-client GEMV autotuned over GEMV_CONFIGS (the interpreter cannot time kernels: never there)
-_gemv_tuned = None if os.environ.get("TRITON_INTERPRET") == "1" else \
-    triton.autotune(configs=GEMV_CONFIGS, key=["R", "C"])(_gemv_kernel)
-
-
 def gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """act(w[n] @ x[n] + bias[n]) for every n: w (N, R, C) or shared (R, C), x (N, C) -> (N, R)."""
     n, c = x.shape
     r = w.shape[-2]
     out = torch.empty(n, r, device=x.device, dtype=torch.float32)
-    shared = w.dim() == 2
-    args = (w, x, bias, out, r, c, 0 if shared else w.stride(0), w.stride(-2), x.stride(0),
-            0 if bias.dim() == 1 else bias.stride(0), out.stride(0))
-    block_c = min(128, triton.next_power_of_2(c))
-    if TUNE_PER_CLIENT and not shared and _gemv_tuned is not None:
-        _gemv_tuned[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), n)](*args, RELU=relu, BLOCK_C=block_c)
-    else:
-        config = GEMV_CONFIGS[0]
-        _gemv_kernel[(triton.cdiv(r, config.kwargs["BLOCK_R"]), n)](*args, RELU=relu, BLOCK_C=block_c,
-                                                                     num_warps=config.num_warps, **config.kwargs)
+
+    def grid(meta):
+        return triton.cdiv(r, meta["BLOCK_R"]), n
+
+    launch(_gemv_kernel, grid, w, x, bias, out, r, c, 0 if w.dim() == 2 else w.stride(0), w.stride(-2),
+           x.stride(0), 0 if bias.dim() == 1 else bias.stride(0), out.stride(0), RELU=relu,
+           BLOCK_C=min(128, triton.next_power_of_2(c)))
     return out
 
 
@@ -118,9 +108,8 @@ def gemv_t(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     rows_per_prog = triton.cdiv(triton.cdiv(r, programs), BLOCK_P) * BLOCK_P
     programs = triton.cdiv(r, rows_per_prog)
     partial = torch.empty(n, programs, block_c, device=g.device, dtype=torch.float32)
-    _gemv_t_partial_kernel[(programs, n)](w, g, partial, r, c, rows_per_prog,
-                                          0 if w.dim() == 2 else w.stride(0), w.stride(-2), g.stride(0),
-                                          BLOCK_R=BLOCK_P, BLOCK_C=block_c)
+    launch(_gemv_t_partial_kernel, (programs, n), w, g, partial, r, c, rows_per_prog,
+           0 if w.dim() == 2 else w.stride(0), w.stride(-2), g.stride(0), BLOCK_R=BLOCK_P, BLOCK_C=block_c)
     return partial.sum(1)[:, :c]
 
 
@@ -129,8 +118,8 @@ def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n, r = a.shape
     c = b.shape[1]
     out = torch.empty(n, r, c, device=a.device, dtype=torch.float32)
-    _outer_kernel[(triton.cdiv(r, BLOCK_P), n)](a, b, out, r, c, BLOCK_R=BLOCK_P,
-                                                 BLOCK_C=triton.next_power_of_2(c))
+    launch(_outer_kernel, (triton.cdiv(r, BLOCK_P), n), a, b, out, r, c, BLOCK_R=BLOCK_P,
+           BLOCK_C=triton.next_power_of_2(c))
     return out
 
 

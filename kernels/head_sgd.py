@@ -20,13 +20,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 BLOCK_P = 32
 
 
 @triton.jit
 def _head_sgd_kernel(w_ptr, wbuf_ptr, b_ptr, bbuf_ptr, dtheta_ptr, hidden_ptr, coef_ptr, P, H,
                      lr, momentum, weight_decay, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid, n = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)  # N P H passes 2**31 at about 145 clients of the fmnist model
     rp = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     rh = tl.arange(0, BLOCK_H)
     coef = tl.load(coef_ptr + n)
@@ -53,6 +56,5 @@ def head_sgd_step(head_weight, head_bias, weight_buf, bias_buf, d_theta, hidden,
     """In-place fused step; all tensors contiguous float32 on one device (validated by the caller)."""
     n, p, h = head_weight.shape
     grid = (triton.cdiv(p, BLOCK_P), n)
-    _head_sgd_kernel[grid](head_weight, weight_buf, head_bias, bias_buf, d_theta, hidden, clip_coef, p, h,
-                           float(lr), float(momentum), float(weight_decay),
-                           BLOCK_P=BLOCK_P, BLOCK_H=triton.next_power_of_2(h))
+    launch(_head_sgd_kernel, grid, head_weight, weight_buf, head_bias, bias_buf, d_theta, hidden, clip_coef, p, h,
+           float(lr), float(momentum), float(weight_decay), BLOCK_P=BLOCK_P, BLOCK_H=triton.next_power_of_2(h))

@@ -1,9 +1,9 @@
-"""Batched per-client linear layer with bias and optional leaky ReLU, forward and backward.
+"""Batched per-client linear layer with bias and optional leaky ReLU, forward and backward: three launches.
 
-x (N, B, K), weight (N, M, K), bias (N, M) -> y (N, B, M).  All three matmuls
-(forward ``x Wᵀ``, backward ``dz W`` and ``dzᵀ x``) run on the strided
-:func:`bmm` kernel with the transposes expressed as strides; the forward fuses
-bias and activation.
+x (N, B, K), weight (N, M, K), bias (N, M) -> y (N, B, M).  All matmuls run on the strided :func:`bmm`
+kernel with the transposes expressed as strides: forward ``x Wᵀ`` with bias and activation fused; backward
+``dx = dz W`` and ``[dW | db] = [dzᵀ x | rowsum(dzᵀ)]`` with dz = dy * leaky'(y) formed as the operand is
+loaded.  The weight and bias may be views with any client stride (slices of one flat theta).
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ class BatchedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, y = ctx.saved_tensors
-        dz = dy if ctx.slope is None else torch.where(y > 0, dy, dy * ctx.slope)  # through the activation
-        dx = bmm(dz, weight, precision=ctx.precision) if ctx.needs_input_grad[0] else None  # (N, B, K)
-        dw = bmm(dz.transpose(1, 2), x, precision=ctx.precision) if ctx.needs_input_grad[1] else None  # (N, M, K)
-        db = dz.sum(1) if ctx.needs_input_grad[2] else None
+        dy = dy.contiguous()
+        gate = dict(gate=y, gate_slope=ctx.slope) if ctx.slope is not None else {}
+        dx = bmm(dy, weight, precision=ctx.precision, **gate) if ctx.needs_input_grad[0] else None  # (N, B, K)
+        dw = db = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gate_t = dict(gate=y.transpose(1, 2), gate_slope=ctx.slope) if ctx.slope is not None else {}
+            dw, db = bmm(dy.transpose(1, 2), x, precision=ctx.precision, rowsum=True, **gate_t)  # (N, M, K), (N, M)
         return dx, dw, db, None, None

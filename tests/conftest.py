@@ -26,6 +26,21 @@ def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed
     return data, build_clients(data, splits, device)
 
 
+def tiny_model(in_channels=1, clients=2, local_size=6, test_size=4, size=12, device=torch.device("cpu")):
+    """The paper's CNN structure (two convs, or three for 3 channels; fc1; classifier) at a tiny size, with a
+    synthetic federation cropped to it: what the Triton interpreter can run through a whole round quickly."""
+    from hyperfl_fast.models import CNNSpec, ConvSpec
+
+    convs = (ConvSpec(in_channels, 4, 3, 0), ConvSpec(4, 8, 3, 1)) + ((ConvSpec(8, 8, 3, 1),) if in_channels == 3
+                                                                      else ())
+    spec = CNNSpec(in_channels, size, convs, 16, 10)
+    _, federation = small_federation(in_channels, clients=clients, local_size=local_size, test_size=test_size,
+                                     device=device)
+    for c in federation:
+        c.train_x, c.test_x = c.train_x[..., :size, :size].contiguous(), c.test_x[..., :size, :size].contiguous()
+    return spec, federation
+
+
 @pytest.fixture
 def float64():
     """Run a test with float64 as the default dtype (engine comparisons to 1e-9), then restore it."""

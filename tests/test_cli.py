@@ -58,3 +58,23 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert main(SMALL + ["--rounds", "1", "--output-dir", str(tmp_path)]) == 0
     assert main(SMALL + ["--rounds", "2", "--lr", "0.5", "--resume", "--output-dir", str(tmp_path)]) == 2
     assert "different settings (lr)" in capsys.readouterr().err
+
+
+def test_dispatch_and_ops_path_flags(tmp_path, capsys):
+    """--ops-path forces paths (named in the log line and metrics.json); bad values are one line before any work."""
+    import json
+
+    from hyperfl_fast.train import main
+
+    flags = ["--dataset", "synthetic", "--clients", "2", "--local-size", "20", "--test-size", "10", "--local-epochs",
+             "1", "--batch-size", "10", "--rounds", "1", "--device", "cpu"]
+    assert main(flags + ["--ops-path", "conv=reference", "--output-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "ops: forced conv=reference; precision fp32" in out and "ops: " in out.splitlines()[-2]
+    calls = json.loads((tmp_path / "a" / "metrics.json").read_text())["ops"]["batched_conv2d_leaky_pool"]["calls"]
+    assert set(calls) == {"reference"} and calls["reference"] > 0
+    assert main(flags + ["--ops-path", "conv=fast", "--output-dir", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == "error: --ops-path: conv='fast'; a path is one of reference, torch, triton\n"
+    assert main(flags + ["--dispatch", "fastest", "--output-dir", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == "error: --dispatch must be one of measured, static, got 'fastest'\n"
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

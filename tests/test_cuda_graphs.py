@@ -36,8 +36,9 @@ def hyperfl_equals_reference(device, step_graphs):
     (ref, batched), history = run_both(cfg, clients, rounds=2, device=device)
     assert_same_results(history)
     assert_same_states(ref, batched, 4)
-    # per round one classifier-phase and one hypernetwork-phase graph, 3 and 2 x 3 steps
-    assert [g.calls for g in step_graphs] == [3, 6] * 2
+    # one classifier-phase and one hypernetwork-phase graph for the whole process (persistent buffers), each
+    # round 3 and 2 x 3 steps
+    assert [g.calls for g in step_graphs] == [6, 12]
     return step_graphs
 
 
@@ -51,6 +52,7 @@ def test_static_steps_equal_the_reference(float64, step_graphs):
 def test_captured_steps_equal_the_reference_on_cuda(float64, step_graphs):
     made = hyperfl_equals_reference(torch.device("cuda"), step_graphs)
     assert all(g.graph is not None for g in made)  # every phase past its warm-up steps ran from its graph
+    assert [g.captures for g in made] == [1, 1]  # recorded once, replayed in both rounds
 
 
 def test_a_failed_capture_runs_the_steps_eagerly(monkeypatch):
@@ -68,6 +70,34 @@ def test_a_failed_capture_runs_the_steps_eagerly(monkeypatch):
     step(batches[1])  # eager from now on, without another warning
     assert not step.capture and step.graph is None
     assert len(seen) == 2 and all(torch.equal(s, b.x) for s, b in zip(seen, batches))
+
+
+def test_a_triton_error_at_capture_also_falls_back(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def no_graph():
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", no_graph)
+    step = graphs.StepGraph(lambda batch: None, capture=True)
+    step.calls = graphs.WARMUP_STEPS
+    batch = Batch(torch.randn(1, 2, 1, 4, 4), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
+                  torch.tensor([True]))
+    with pytest.warns(RuntimeWarning, match="capture failed .*shared memory"):
+        step(batch)
+    assert not step.capture
+
+
+def test_a_step_past_the_rounds_capacity_is_refused():
+    """A replayed step advances the heads' slot on the device; the host bounds the replays per round."""
+    step = graphs.StepGraph(lambda batch: None, capture=False, limit=2)
+    batch = Batch(torch.randn(1, 2, 1, 4, 4), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
+                  torch.tensor([True]))
+    step(batch), step(batch)
+    with pytest.raises(RuntimeError, match="step 3 of a round that holds 2"):
+        step(batch)
+    step.new_round()
+    step(batch)
 
 
 def test_the_flag_is_checked_before_any_work():

@@ -217,7 +217,7 @@ def test_pyproject_run_config_has_the_cli_defaults():
     run_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     settings = settings_from_run_config(run_config)
     assert settings.cfg == Config(output_dir=None)  # every default as the training CLI's
-    in_process_only = {"engine", "output-dir", "cuda-graphs"}
+    in_process_only = {"engine", "output-dir", "cuda-graphs", "dispatch", "ops-path"}
     assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - in_process_only
 
 

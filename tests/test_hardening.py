@@ -246,7 +246,8 @@ def test_bad_ops_path_variable_is_one_line_before_any_work(tmp_path, capsys, mon
     monkeypatch.setenv("HYPERFL_OPS_PATH", "cuda")
     assert main(SMALL + ["--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err == "error: HYPERFL_OPS_PATH must be one of reference, torch, triton, got 'cuda'\n"
+    assert err == ("error: HYPERFL_OPS_PATH must be one of reference, torch, triton, or op=path pairs such as "
+                   "conv=triton, got 'cuda'\n")
     assert not (tmp_path / "run").exists()
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hyperfl_fast.batched as batched
+from hyperfl_fast import ops
 from hyperfl_fast.engines import build_batched
 from hyperfl_fast.config import Config
 from hyperfl_fast.models import cnn_spec
@@ -69,9 +70,9 @@ def test_the_counter_sees_a_sync(monkeypatch):
 
 def test_every_random_draw_happens_before_local_training(monkeypatch):
     events = []
-    real_generator, real_step = batched.make_generator, batched.StackedSGD.step
+    real_generator, real_step = batched.make_generator, ops.classifier_sgd_step
     monkeypatch.setattr(batched, "make_generator", lambda *k: events.append("draw") or real_generator(*k))
-    monkeypatch.setattr(batched.StackedSGD, "step", lambda self, *a: events.append("step") or real_step(self, *a))
+    monkeypatch.setattr(ops, "classifier_sgd_step", lambda *a: events.append("step") or real_step(*a))
     _, clients = small_federation(3, clients=3, local_size=40)
     cfg = Config(dataset="synthetic-rgb", clients=3, local_epochs=2, batch_size=15, device="cpu")
     build_batched(cnn_spec(3, 10), clients, cfg, torch.device("cpu")).run_round(0, [0, 1, 2])

@@ -7,34 +7,6 @@ from hyperfl_fast import ops
 from conftest import DEVICE
 
 
-def test_default_path_is_torch_on_cpu_and_env_var_forces_a_path(monkeypatch):
-    monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    for op in ops.CUDA_DEFAULT_PATHS:
-        assert ops.resolve_path(None, torch.device("cpu"), op) == "torch"
-    monkeypatch.setenv(ops.ENV_VAR, "reference")
-    assert ops.resolve_path(None, torch.device("cpu"), "batched_linear") == "reference"
-    assert ops.resolve_path(None, torch.device("cuda"), "batched_linear") == "reference"
-    assert ops.resolve_path("torch", torch.device("cpu")) == "torch"  # the argument wins
-
-
-def test_cuda_defaults_are_the_measured_fastest_paths(monkeypatch):
-    """RESULTS.md (H100): cuDNN/cuBLAS beat the Triton conv stack and shared GEMM; Triton wins the memory-bound ops."""
-    monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    cuda = torch.device("cuda")
-    assert {op: ops.resolve_path(None, cuda, op) for op in ops.CUDA_DEFAULT_PATHS} == {
-        "generate_weights/shared": "torch", "generate_weights/per-client": "triton",
-        "fused_head_sgd_step": "triton", "batched_conv2d_leaky_pool": "torch", "batched_linear": "torch"}
-    assert ops.describe_paths(torch.device("cpu")).endswith("batched_linear torch; precision fp32")
-
-
-def test_unknown_path_and_triton_without_gpu_or_interpreter(monkeypatch):
-    with pytest.raises(ValueError, match="path must be one of reference, torch, triton"):
-        ops.resolve_path("cuda", torch.device("cpu"))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="the triton path needs CUDA tensors"):
-        ops.resolve_path("triton", torch.device("cpu"))
-
-
 def gen_args(n=2, e=4, h=8, p=10):
     return [torch.randn(n, e), torch.randn(h, e), torch.randn(h), torch.randn(p, h), torch.randn(p)]
 

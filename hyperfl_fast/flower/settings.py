@@ -29,7 +29,8 @@ class FlowerSettings:
 
 def settings_from_run_config(run_config: dict) -> FlowerSettings:
     """Validate a Flower run config; raises :class:`ConfigError` naming the first bad key."""
-    fields = set(Config.field_names()) - {"output_dir", "cuda_graphs"}  # clients train one by one
+    # clients train one by one (the reference engine): the lockstep engine's settings do not apply
+    fields = set(Config.field_names()) - {"output_dir", "cuda_graphs", "dispatch", "ops_path"}
     values = {}
     for key, value in run_config.items():
         name = key.replace("-", "_")

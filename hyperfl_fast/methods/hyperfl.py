@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..batched import (Batch, FactoredHeads, RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify,
-                       client_losses, client_results, clip_coefficient)
+from ..batched import Batch, RoundSchedule, StackedData, batched_accuracy, classify, client_results
 from ..config import Config
 from ..federation import ClientData, ClientResult, accuracy
 from ..graphs import StepGraph
+from ..lockstep_hypernet import LockstepHypernetwork
 from ..models import (CNNSpec, GeneratedCNN, HyperNetwork, extract_features_batched, init_hyperfl, split_theta)
 from .base import ClientUpdate, Method, State, detached, load_module, sgd
 
@@ -109,9 +109,31 @@ class HyperFL(Method):
         return client_model(spec, global_state, private, copy=False)
 
 
+class RoundBuffers:
+    """The lockstep round's tensors for N sampled clients, allocated once and refilled in place every round, so
+    the steps' CUDA graphs (``--cuda-graphs``) are recorded once per process and replayed in every round."""
+
+    def __init__(self, spec: CNNSpec, cfg: Config, num_clients: int, capacity: int, device: torch.device,
+                 dtype: torch.dtype):
+        n, p = num_clients, spec.num_feature_params
+
+        def zeros(*shape):
+            return torch.zeros(*shape, device=device, dtype=dtype)
+
+        # private parts of the sampled clients while they train: (N, E), (N, K, D), (N, K) and the SGD buffers
+        self.embedding = zeros(n, cfg.embed_dim)
+        self.cls_w, self.cls_b = zeros(n, spec.num_classes, spec.hidden), zeros(n, spec.num_classes)
+        self.cls_w_buf, self.cls_b_buf = torch.zeros_like(self.cls_w), torch.zeros_like(self.cls_b)
+        self.theta = zeros(n, p)  # the classifier phase's theta, generated from the received psi
+        self.hypernet = LockstepHypernetwork(n, cfg.embed_dim, cfg.hidden_dim, p, capacity, device, dtype,
+                                             static=cfg.cuda_graphs)
+        self.classifier_step: Callable[[Batch], None] | None = None
+        self.hypernet_step: Callable[[Batch], None] | None = None
+
+
 class HyperFLLockstep:
     """HyperFL with all sampled clients trained in lockstep: the same results as :meth:`HyperFL.client_update`
-    client by client, with the heads in factored form (see :mod:`hyperfl_fast.batched`)."""
+    client by client, each step a handful of fused ops (:class:`LockstepHypernetwork`)."""
 
     method = "hyperfl"
     progress_unit = "epoch"
@@ -124,95 +146,80 @@ class HyperFLLockstep:
         # private client state, never uploaded: (Nc, E), (Nc, K, D), (Nc, K)
         self.client_embeddings, self.classifier_weight, self.classifier_bias = (
             torch.stack([p[k] for p in privates]) for k in PRIVATE_KEYS)
-
-    def stepper(self, step: Callable[[Batch], None]) -> Callable[[Batch], None]:
-        """``step`` itself, or with ``--cuda-graphs`` run on static buffers and captured on a GPU."""
-        if not self.cfg.cuda_graphs:
-            return step
-        return StepGraph(step, capture=self.client_embeddings.is_cuda)
+        largest = max(c.num_train for c in clients)
+        self.capacity = -(-largest // min(cfg.batch_size, largest)) * cfg.local_epochs  # steps in any round
+        self.buffers: RoundBuffers | None = None
 
     def features(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return extract_features_batched(x, split_theta(theta, self.spec), self.spec)
 
+    def round_buffers(self, n: int) -> RoundBuffers:
+        """The persistent buffers and steps for ``n`` sampled clients (built at the first round with n)."""
+        if self.buffers is None or self.buffers.embedding.shape[0] != n:
+            cfg, rb = self.cfg, RoundBuffers(self.spec, self.cfg, n, self.capacity, self.client_embeddings.device,
+                                             self.client_embeddings.dtype)
+
+            def classifier_step(batch: Batch) -> None:  # theta from the received psi, classifier trained
+                with torch.no_grad():
+                    feats = self.features(batch.x, rb.theta)
+                ops.classifier_sgd_step(feats, rb.cls_w, rb.cls_b, batch.y, batch.valid, batch.active, rb.cls_w_buf,
+                                        rb.cls_b_buf, cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
+
+            def hypernet_step(batch: Batch) -> None:  # psi_n and v_n trained through theta, classifier frozen
+                theta, hidden = rb.hypernet.generate(rb.embedding)  # (N, P), (N, H)
+                theta.requires_grad_()
+                losses = ops.batched_classifier_loss(self.features(batch.x, theta), rb.cls_w, rb.cls_b, batch.y,
+                                                     batch.valid)  # each client's own mean loss
+                (d_theta,) = torch.autograd.grad(losses, theta, rb.hypernet.ones)
+                rb.hypernet.sgd_step(d_theta, hidden, rb.embedding, losses.detach(), batch.active, cfg.lr,
+                                     cfg.momentum, cfg.weight_decay, cfg.grad_clip)
+
+            capture = cfg.cuda_graphs and rb.embedding.is_cuda
+            rb.classifier_step = StepGraph(classifier_step, capture) if cfg.cuda_graphs else classifier_step
+            rb.hypernet_step = StepGraph(hypernet_step, capture, limit=self.capacity) \
+                if cfg.cuda_graphs else hypernet_step
+            self.buffers = rb
+        return self.buffers
+
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
-        cfg, n = self.cfg, len(sampled)
+        cfg, rb = self.cfg, self.round_buffers(len(sampled))
         idx = torch.tensor(sampled, device=self.client_embeddings.device)
         psi = {k: t.detach() for k, t in self.hypernet.state_dict().items()}
         # every sampled client receives the global psi; its private parts come from its own store
-        embedding = self.client_embeddings[idx].clone()  # (N, E)
-        cls_w, cls_b = self.classifier_weight[idx].clone(), self.classifier_bias[idx].clone()
+        rb.embedding.copy_(self.client_embeddings[idx])
+        rb.cls_w.copy_(self.classifier_weight[idx])
+        rb.cls_b.copy_(self.classifier_bias[idx])
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs + 1))
 
         # 1. classifier phase: theta from the global psi (one shared GEMM), not trained
-        theta = ops.generate_weights(embedding, psi["fc.weight"], psi["fc.bias"], psi["heads.weight"],
-                                     psi["heads.bias"])  # (N, P)
-        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs + 1))
-        classifier_sgd = StackedSGD([cls_w, cls_b], cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
-
-        def classifier_step(batch: Batch) -> None:
-            with torch.no_grad():
-                feats = self.features(batch.x, theta)
-            w, b = cls_w.clone().requires_grad_(), cls_b.clone().requires_grad_()
-            loss = client_losses(classify(feats, w, b), batch).sum()  # each client's own loss
-            classifier_sgd.step(list(torch.autograd.grad(loss, [w, b])), batch.active)
-
-        run_step = self.stepper(classifier_step)
+        rb.theta.copy_(ops.generate_weights(rb.embedding, psi["fc.weight"], psi["fc.bias"], psi["heads.weight"],
+                                            psi["heads.bias"]))
+        rb.cls_w_buf.zero_()
+        rb.cls_b_buf.zero_()
         for batch in schedule.batches(0):
-            run_step(batch)
+            rb.classifier_step(batch)
 
         # 2. hypernetwork phase: psi_n and v_n in lockstep, classifier frozen
-        heads = FactoredHeads(psi["heads.weight"], n, schedule.num_steps * cfg.local_epochs, static=cfg.cuda_graphs)
-        fc_w = psi["fc.weight"].expand(n, -1, -1).clone()  # (N, H, E)
-        fc_b = psi["fc.bias"].expand(n, -1).clone()  # (N, H)
-        head_b = psi["heads.bias"].expand(n, -1).clone()  # (N, P)
-        hyper_sgd = StackedSGD([fc_w, fc_b, head_b], cfg.lr, cfg.momentum, cfg.weight_decay)
-        embedding_sgd = StackedSGD([embedding], cfg.lr, cfg.momentum, cfg.weight_decay)
-        loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
-
-        def hypernet_step(batch: Batch) -> None:
-            pre = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2)  # (N, H)
-            hidden = pre.relu()
-            theta = heads.matvec(hidden, head_b).requires_grad_()  # (N, P)
-            losses = client_losses(classify(self.features(batch.x, theta), cls_w, cls_b), batch)
-            (d_theta,) = torch.autograd.grad(losses.sum(), theta)
-            # chain rule theta -> (psi_n, v_n), by hand
-            d_pre = heads.rmatvec(d_theta) * (pre > 0)  # (N, H)
-            d_fc_w = d_pre.unsqueeze(2) * embedding.unsqueeze(1)  # (N, H, E)
-            d_embedding = torch.bmm(d_pre.unsqueeze(1), fc_w).squeeze(1)  # (N, E)
-            hyper_norm = (ops.head_grad_sq_norm(d_theta, hidden) + d_fc_w.pow(2).sum((1, 2))
-                          + d_pre.pow(2).sum(1)).sqrt()
-            c_hyper = clip_coefficient(hyper_norm, cfg.grad_clip)[:, None]
-            c_embed = clip_coefficient(d_embedding.norm(dim=1), cfg.grad_clip)[:, None]
-            d_theta.mul_(c_hyper)  # clipped in place; the heads' weight gradient is d_theta ⊗ hidden
-            heads.sgd_step(d_theta, hidden, batch.active, cfg.lr, cfg.momentum, cfg.weight_decay)
-            hyper_sgd.step([d_fc_w * c_hyper[:, :, None], d_pre * c_hyper, d_theta], batch.active)
-            embedding_sgd.step([d_embedding * c_embed], batch.active)
-            loss_sum.add_(losses.detach() * batch.active)
-            loss_count.add_(batch.active)
-
-        run_step = self.stepper(hypernet_step)
+        rb.hypernet.start(psi)
+        if isinstance(rb.hypernet_step, StepGraph):
+            rb.hypernet_step.new_round()
         for epoch in progress(range(1, cfg.local_epochs + 1)):
-            loss_sum.zero_()  # the mean loss of the last epoch is reported
-            loss_count.zero_()
+            rb.hypernet.new_epoch()  # the mean loss of the last epoch is reported
             for batch in schedule.batches(epoch):
-                run_step(batch)
-        train_loss = loss_sum / loss_count  # mean loss of the last epoch, per client
+                rb.hypernet_step(batch)
+        train_loss = rb.hypernet.mean_loss()
 
         # local accuracy: each client's own trained hypernetwork, embedding and classifier
-        hidden = torch.baddbmm(fc_b.unsqueeze(2), fc_w, embedding.unsqueeze(2)).squeeze(2).relu()
-        local_theta = heads.matvec(hidden, head_b)
+        with torch.no_grad():
+            local_theta, _ = rb.hypernet.generate(rb.embedding)
         local_acc = batched_accuracy(self.data, sampled,
-                                     lambda x: classify(self.features(x, local_theta), cls_w, cls_b))
+                                     lambda x: classify(self.features(x, local_theta), rb.cls_w, rb.cls_b))
 
         # upload and aggregate: the weighted mean of the clients' hypernetworks (nothing else leaves them)
-        weights = self.data.weights(idx)
-        self.hypernet.load_state_dict({
-            "fc.weight": torch.einsum("n,nhe->he", weights, fc_w),
-            "fc.bias": weights @ fc_b,
-            "heads.weight": heads.weighted_sum(weights),
-            "heads.bias": weights @ head_b,
-        })
-        self.client_embeddings[idx], self.classifier_weight[idx], self.classifier_bias[idx] = embedding, cls_w, cls_b
+        self.hypernet.load_state_dict(rb.hypernet.weighted_sum(self.data.weights(idx)))
+        self.client_embeddings[idx], self.classifier_weight[idx], self.classifier_bias[idx] = (
+            rb.embedding, rb.cls_w, rb.cls_b)
         global_acc = self.global_accuracy(sampled)
         return client_results(sampled, train_loss, local_acc, global_acc)
 

@@ -18,6 +18,7 @@ The mode comes from :func:`set_precision`, else the environment variable
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -54,3 +55,9 @@ def apply_environment() -> None:
     if value not in PRECISIONS:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(PRECISIONS)}, got {value!r}")
     set_precision(value)
+
+
+try:
+    apply_environment()  # the policy holds from the first op on
+except ValueError as exc:  # a bad variable must not break `import hyperfl_fast`
+    warnings.warn(f"{exc}; using fp32", stacklevel=2)
