@@ -43,28 +43,24 @@ TARGETS = {  # issue 17's GPU targets
 
 
 def package_importable() -> None:
-    """Make ``hyperfl_fast`` importable from the checkout as setup.py lays it out (kernels/ is hyperfl_fast.kernels)."""
+    """Make ``hyperfl_fast`` importable from a checkout that was never installed (a bare GPU machine), as setup.py
+    lays it out: kernels/ is hyperfl_fast.kernels (a git-ignored link)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("hyperfl_fast") is not None and \
+            importlib.util.find_spec("hyperfl_fast.kernels") is not None:
+        return
     link = ROOT / "hyperfl_fast" / "kernels"
     if not link.exists():
         link.symlink_to(ROOT / "kernels")
-    sys.path.insert(0, str(ROOT))
 
 
-def cuda_median(fn, warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds of ``fn`` by CUDA events."""
-    import torch
+def cuda_median(fn) -> float:
+    """Median seconds of ``fn`` by CUDA events (the measured dispatch's timer: 2 warm-up calls, 7 timed)."""
+    from hyperfl_fast.ops.dispatch import CudaTimer
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return CudaTimer()("", fn)
 
 
 def part_cnn(results: dict) -> None:
@@ -232,13 +228,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    package_importable()
     import torch
-    import triton
 
     if not torch.cuda.is_available():
         print("error: no CUDA device: this script measures the GPU targets", file=sys.stderr)
         return 2
+    package_importable()
+    import triton
+
     deadline = time.perf_counter() + args.budget
     results = {"environment": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "triton": triton.__version__, "python": platform.python_version()},

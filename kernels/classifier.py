@@ -30,6 +30,20 @@ def _logits(f_ptr, w_tile, b_row, rows, d, row_ok, D, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _rows_in(valid_ptr, y_ptr, n, r, B, stride_vn, stride_yn):
+    """(row in range, valid as 0/1 float, label) of rows r of client n."""
+    row_ok = r < B
+    valid = tl.load(valid_ptr + n * stride_vn + r, mask=row_ok, other=0).to(tl.float32)
+    return row_ok, valid, tl.load(y_ptr + n * stride_yn + r, mask=row_ok, other=0)
+
+
+@triton.jit
+def _log_sum_exp(logits):
+    top = tl.max(logits, axis=1)
+    return top + tl.log(tl.sum(tl.exp(logits - top[:, None]), axis=1))
+
+
+@triton.jit
 def _client_head(w_ptr, b_ptr, n, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
     d = tl.arange(0, BLOCK_D)
@@ -48,12 +62,9 @@ def _classifier_loss_fwd_kernel(f_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, loss_ptr,
     count = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         r = b0 + tl.arange(0, BLOCK_B)
-        row_ok = r < B
-        valid = tl.load(valid_ptr + n * stride_vn + r, mask=row_ok, other=0).to(tl.float32)
+        row_ok, valid, label = _rows_in(valid_ptr, y_ptr, n, r, B, stride_vn, stride_yn)
         _, logits = _logits(f_ptr + n * B * D, w, b, r, d, row_ok, D, PRECISION)
-        top = tl.max(logits, axis=1)
-        lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), axis=1))
-        label = tl.load(y_ptr + n * stride_yn + r, mask=row_ok, other=0)
+        lse = _log_sum_exp(logits)
         picked = tl.sum(tl.where(c[None, :] == label[:, None], logits, 0.0), axis=1)
         total += tl.where(valid > 0, lse - picked, 0.0)
         count += valid
@@ -81,15 +92,9 @@ def _classifier_loss_bwd_kernel(f_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, lse_ptr, 
     db = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         r = b0 + tl.arange(0, BLOCK_B)
-        row_ok = r < B
-        valid = tl.load(valid_ptr + n * stride_vn + r, mask=row_ok, other=0).to(tl.float32)
+        row_ok, valid, label = _rows_in(valid_ptr, y_ptr, n, r, B, stride_vn, stride_yn)
         f, logits = _logits(f_ptr + n * B * D, w, b, r, d, row_ok, D, PRECISION)
-        if SGD:
-            top = tl.max(logits, axis=1)
-            lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), axis=1))
-        else:
-            lse = tl.load(lse_ptr + n * B + r, mask=row_ok, other=0.0)
-        label = tl.load(y_ptr + n * stride_yn + r, mask=row_ok, other=0)
+        lse = _log_sum_exp(logits) if SGD else tl.load(lse_ptr + n * B + r, mask=row_ok, other=0.0)
         p = tl.exp(logits - lse[:, None]) - tl.where(c[None, :] == label[:, None], 1.0, 0.0)
         dlogits = tl.where((valid > 0)[:, None] & (c[None, :] < C), p * scale, 0.0)  # (BLOCK_B, BLOCK_C)
         if NEED_DF:

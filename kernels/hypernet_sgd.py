@@ -108,7 +108,7 @@ def client_update(d_hidden, hidden, g_sq, embedding, fc_w, fc_b, embedding_buf, 
            fc_b_buf, alpha, gamma, beta, delta, v_factors, slot, active, losses, loss_sum, loss_count, coef,
            hdim, e, s, v_factors.stride(0), float(lr), float(momentum), float(weight_decay), float(max_norm),
            BLOCK_H=max(16, triton.next_power_of_2(hdim)), BLOCK_E=max(16, triton.next_power_of_2(e)),
-           BLOCK_S=16)
+           BLOCK_S=16, num_warps=8)  # fc_w and its buffer (H x E each) in registers: 8 warps halve the pressure
 
 
 def heads_update(d_theta, coef, u_factors, slot, head_b, head_b_buf, active, lr: float, momentum: float,

@@ -242,10 +242,32 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[Row]) -> str:
+    """One line per architecture and kernel: its configurations' ranges (the table RESULTS.md keeps)."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.arch, r.kernel), []).append(r)
+    lines = ["| arch | kernel | compiled | registers | spill B | stack B | shared KB | warps | tensor cores (ieee / tf32) "
+             "| all ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (arch, kernel), group in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1])):
+        regs = [r.registers for r in group]
+
+        def cores(precision):
+            marked = [r.tensor_cores for r in group if r.config.endswith(precision)]
+            return "-" if not marked else "yes" if all(marked) else "no" if not any(marked) else "some"
+        lines.append(f"| sm_{arch} | {kernel} | {len(group)} | {min(regs)}-{max(regs)} | "
+                     f"{max(r.spill_bytes for r in group)} | {max(r.stack_bytes for r in group)} | "
+                     f"{max(r.shared_bytes for r in group) / 1024:.0f} | "
+                     f"{','.join(str(w) for w in sorted({r.warps for r in group}))} | {cores('ieee')} / {cores('tf32')} "
+                     f"| {'yes' if all(r.ok for r in group) else 'NO'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyperfl_fast.kernels.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON object per compiled configuration")
+    parser.add_argument("--summary", action="store_true", help="one line per kernel and architecture")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT),
                         help="compute capabilities to compile for")
     parser.add_argument("--workload", nargs="+", choices=sorted(workloads.WORKLOADS),
@@ -262,7 +284,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([{**asdict(r), "ok": r.ok} for r in rows], indent=1))
     else:
-        print(markdown(rows))
+        print(summary(rows) if args.summary else markdown(rows))
     return 0 if all(r.ok for r in rows) else 1
 
 

@@ -224,3 +224,18 @@ def test_real_ops_are_measured_against_their_reference(measuring):
     assert measuring.resolve(OP, None, (x, w, b, 1)) == "triton"
     (choice,) = measuring.choices.values()
     assert choice.rejected == {} and set(choice.seconds) == {"torch", "triton"}
+
+
+def test_the_factored_heads_are_measured_at_their_full_span(measuring):
+    """Every step of a round has another span; all of them share one measurement, taken at the full span."""
+    from hyperfl_fast.ops.factored import RMATVEC
+
+    measuring.register(RMATVEC)
+    measuring.timer = FakeTimer({"torch": 1e-3, "triton": 2e-3})
+    n, p, h, s = 2, 40, 8, 5
+    args = [torch.randn(n, p), torch.randn(p, h), torch.randn(n, s, p), torch.randn(n, s, h), torch.rand(n),
+            torch.randn(n, s)]
+    for span in range(s + 1):
+        assert measuring.resolve(RMATVEC, None, (*args, span)) == "torch"
+    (key,) = measuring.choices
+    assert key.endswith(f",{s}|fp32") and measuring.timer.calls == ["torch", "triton"]
