@@ -8,6 +8,7 @@ a run that never stopped.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -238,9 +239,9 @@ def _train(cfg: Config, engine, rounds: list[dict], first_round: int, out: Path,
             raise TrainingDiverged(f"round {round_idx + 1}: training diverged (non-finite {problem}); {kept}. "
                                    f"Try {advice}")
         rounds.append(record)
-        finished, ops_stats = list(rounds), ops.DISPATCH.stats()
+        finished = list(rounds)
         writer.submit(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": finished},
-                      then=lambda: write_metrics(out, cfg, finished, ops_stats))
+                      then=functools.partial(write_metrics, out, cfg, finished, ops.DISPATCH.stats()))
         log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
             f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | "
             + (f"epsilon {record['epsilon']:.3f} | " if "epsilon" in record else "") + f"{record['seconds']:6.1f} s")

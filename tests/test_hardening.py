@@ -257,3 +257,30 @@ def test_bad_precision_variable_does_not_break_the_import():
                           env={**os.environ, "HYPERFL_PRECISION": "fp8"})
     assert proc.returncode == 0 and proc.stdout.strip() == "fp32"
     assert "HYPERFL_PRECISION must be one of fp32, tf32, got 'fp8'; using fp32" in proc.stderr
+
+
+def test_checkpoints_are_written_in_the_background_from_a_snapshot(tmp_path, monkeypatch):
+    """The state is copied before submit() returns (later in-place updates do not leak into the file), close()
+    waits for the write, and a failed write is raised by the next call instead of being lost."""
+    import threading
+
+    from hyperfl_fast import checkpoint as ckpt
+
+    release = threading.Event()
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda path, state: release.wait(5) and real_save(path, state))
+    writer = ckpt.BackgroundWriter()
+    weights = torch.ones(3)
+    written = []
+    writer.submit(tmp_path / "c.pt", {"config": {}, "engine": {"w": weights}, "rounds": [1]},
+                  then=lambda: written.append("metrics"))
+    weights.add_(1.0)  # the next round's update, while the write is in flight
+    release.set()
+    writer.close()
+    state, verified = ckpt.load_checkpoint(tmp_path / "c.pt", torch.device("cpu"))
+    assert verified and torch.equal(state["engine"]["w"], torch.ones(3)) and written == ["metrics"]
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda path, state: (_ for _ in ()).throw(OSError("disk full")))
+    writer.submit(tmp_path / "d.pt", {"config": {}, "engine": {}, "rounds": []})
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
