@@ -5,11 +5,12 @@ Public API:
 - models: :class:`~hyperfl_fast.models.HyperNetwork`, :class:`~hyperfl_fast.models.TargetCNN`,
   :func:`~hyperfl_fast.models.cnn_spec`, :func:`~hyperfl_fast.models.split_theta`;
 - fused ops for any FL code base: :mod:`hyperfl_fast.ops` (``generate_weights``,
-  ``fused_head_sgd_step``, ``batched_conv2d_leaky_pool``, ``batched_linear``; the
-  precision policy ``ops.set_precision``), Triton kernels in :mod:`hyperfl_fast.kernels`;
+  ``batched_conv2d_leaky_pool``, ``batched_linear``, ``batched_classifier_loss``, the factored
+  hypernetwork ops, ...; the measured dispatch and the precision policy ``ops.set_precision``),
+  Triton kernels in :mod:`hyperfl_fast.kernels`;
 - training: :class:`~hyperfl_fast.config.Config` and :func:`~hyperfl_fast.runner.run`
   (methods, one module each: :mod:`hyperfl_fast.methods`; engines: :mod:`hyperfl_fast.engines`,
-  :mod:`hyperfl_fast.reference`, :mod:`hyperfl_fast.batched`; errors:
+  :mod:`hyperfl_fast.reference`, :mod:`hyperfl_fast.lockstep`; errors:
   :class:`~hyperfl_fast.config.ConfigError`, :class:`~hyperfl_fast.runner.TrainingDiverged`);
 - real federations on Flower: :mod:`hyperfl_fast.flower` (``flwr run .``);
 - the paper's Table 1: :func:`~hyperfl_fast.reproduce.reproduce`;

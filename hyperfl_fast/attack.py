@@ -28,12 +28,14 @@ from .privacy.attacks import AttackBudget, LocalTraining, reconstruct
 from .privacy.lpips import LPIPS
 from .privacy.metrics import match_to_ground_truth, psnr, ssim
 from .dp import noise_multiplier
-from .privacy.threats import DP_UPLOADS, dp_scenario, fedavg_scenario, hyperfl_scenario
+from .privacy.threats import dp_scenario, fedavg_scenario, hyperfl_scenario
+from .engines import check_format
+from .methods import ATTACK, get_method, method_names
 
 VARIANTS = ("a", "b", "c")
-PAPER_DP_SAMPLE_RATE = 50 / 600  # batch 50 of a Fashion-MNIST client's 600 samples
-PAPER_DP_EPOCHS = 200 * 5  # 200 rounds of 5 local epochs
-PRIVATE_STATE_METHODS = ("hyperfl", "ppsgd", "centaur")  # a checkpoint's --client matters
+PAPER = Config()  # the paper's settings, which the attacked client trains with
+PAPER_DP_SAMPLE_RATE = PAPER.batch_size / 600  # batch 50 of a Fashion-MNIST client's 600 samples
+PAPER_DP_EPOCHS = 200 * PAPER.local_epochs  # the paper's 200 rounds of 5 local epochs
 VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (true embedding + classifier)",
                  "c": "structure-aware (rank-one heads)"}
 
@@ -41,7 +43,7 @@ VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (tru
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hyperfl_fast.attack", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", nargs="+", default=["fedavg", "hyperfl"], choices=["fedavg", "hyperfl", *DP_UPLOADS],
+    p.add_argument("--method", nargs="+", default=["fedavg", "hyperfl"], choices=method_names(ATTACK),
                    help="whose upload to attack")
     p.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="HyperFL attack variants")
     p.add_argument("--setting", nargs="+", default=["step"], choices=["step", "round"],
@@ -54,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=1000, help="optimisation steps per restart")
     p.add_argument("--restarts", type=int, default=1, help="random restarts; the best match is kept")
     p.add_argument("--tv", type=float, default=1e-3, help="total-variation weight (IG)")
-    p.add_argument("--epsilon", type=float, default=4.0, help="DP methods: the privacy budget that sets the noise")
-    p.add_argument("--delta", type=float, default=1e-5, help="DP methods: delta of the budget")
-    p.add_argument("--dp-clip", type=float, default=0.04, help="DP methods: per-sample gradient norm bound C")
+    p.add_argument("--epsilon", type=float, default=PAPER.epsilon,
+                   help="DP methods: the privacy budget that sets the noise")
+    p.add_argument("--delta", type=float, default=PAPER.delta, help="DP methods: delta of the budget")
+    p.add_argument("--dp-clip", type=float, default=PAPER.dp_clip, help="DP methods: per-sample gradient norm bound C")
     p.add_argument("--sigma", type=float, default=None,
                    help="DP methods: noise multiplier (default: what spends --epsilon over the paper's run, "
                         f"{PAPER_DP_EPOCHS} epochs at sample rate {PAPER_DP_SAMPLE_RATE:.4f})")
@@ -91,8 +94,17 @@ def read_checkpoint(args) -> dict:
     if wrong:
         raise ValueError(f"--checkpoint {path} holds a {saved['method']} run; it cannot serve "
                          f"--method {' '.join(wrong)}")
-    if saved["method"] in PRIVATE_STATE_METHODS and not 0 <= args.client < saved["clients"]:
-        raise ValueError(f"--client {args.client}: {path} holds clients 0 to {saved['clients'] - 1}")
+    engine = state["engine"]
+    try:
+        check_format(engine)
+    except ValueError as exc:
+        raise ValueError(f"--checkpoint {path}: {exc}") from None
+    if get_method(saved["method"]).keeps:  # the attacked client's private part comes from the checkpoint
+        if not engine["clients"]:
+            raise ValueError(f"--checkpoint {path} holds no client state (a Flower server's checkpoint); pass one "
+                             "written by hyperfl_fast.train")
+        if not 0 <= args.client < len(engine["clients"]):
+            raise ValueError(f"--client {args.client}: {path} holds clients 0 to {len(engine['clients']) - 1}")
     return state
 
 
@@ -110,9 +122,10 @@ def load_models(args, spec, device):
     embedding, classifier = embeddings[args.client].detach(), classifiers[args.client]
     if args.checkpoint:
         state = read_checkpoint(args)
+        engine = state["engine"]  # every engine's (and the Flower server's) one layout
+        shared, private = engine["global"], engine["clients"][args.client] if engine["clients"] else {}
         try:
-            shared, private = _saved_states(state["engine"], args.client)
-            if state["config"]["method"] == "hyperfl":
+            if get_method(state["config"]["method"]).threat == "hypernetwork":
                 hypernet, embedding, classifier = _hyperfl_parts(shared, private, spec)
             else:  # the CNN the client trains: the global one, with its own classifier where it has one
                 fedavg_model.load_state_dict({**shared, **private})
@@ -120,20 +133,6 @@ def load_models(args, spec, device):
             raise ValueError(f"--checkpoint {args.checkpoint} holds a {state['config']['dataset']} model, which "
                              f"does not fit --dataset {args.dataset} ({str(exc).splitlines()[0][:100]})") from None
     return fedavg_model.to(device), (hypernet.to(device), embedding.to(device), classifier.to(device))
-
-
-def _saved_states(engine: dict, client: int) -> tuple[dict, dict]:
-    """(the server's state, client ``client``'s private state) from either engine's checkpoint."""
-    if "global" in engine:  # reference engine
-        return engine["global"], engine["clients"][client]
-    if "params" in engine:  # batched fedavg, dp-fedavg
-        return {k: t[0] for k, t in engine["params"].items()}, {}
-    if "representation" in engine:  # batched ppsgd, centaur
-        return {k: t[0] for k, t in engine["representation"].items()}, {k: t[client]
-                                                                        for k, t in engine["classifier"].items()}
-    return engine["hypernet"], {"embedding": engine["client_embeddings"][client],  # batched HyperFL
-                                "classifier.weight": engine["classifier_weight"][client],
-                                "classifier.bias": engine["classifier_bias"][client]}
 
 
 def _hyperfl_parts(psi: dict, private: dict, spec):
@@ -164,7 +163,7 @@ def run_attacks(args, log=print) -> dict:
     if not 0 < args.delta < 1:
         raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
     sigma = args.sigma
-    if sigma is None and any(m in DP_UPLOADS for m in args.method):
+    if sigma is None and any(get_method(m).dp for m in args.method):
         sigma = noise_multiplier(args.epsilon, args.delta, PAPER_DP_SAMPLE_RATE, PAPER_DP_EPOCHS)
         log(f"DP uploads: noise multiplier {sigma:.3f} (epsilon {args.epsilon:g}, delta {args.delta:g}), "
             f"clip {args.dp_clip:g}")
@@ -186,25 +185,25 @@ def run_attacks(args, log=print) -> dict:
     rows, images = [], []
     for setting in args.setting:
         steps = 1 if setting == "step" else args.local_steps
-        scenarios = []
-        if "fedavg" in args.method:
-            scenarios.append(fedavg_scenario(fedavg_model, x, y, LocalTraining(steps)))
-        if "hyperfl" in args.method:
-            for variant in args.variant:
-                scenarios.append(hyperfl_scenario(spec, hypernet, embedding, classifier, x, y,
-                                                  LocalTraining(steps, clip=50.0), variant))
-        for method in (m for m in args.method if m in DP_UPLOADS):
-            scenarios.append(dp_scenario(method, fedavg_model, x, y,
-                                         LocalTraining(steps, dp_clip=args.dp_clip, dp_sigma=sigma), args.seed))
-        for scenario in scenarios:
+        scenarios = []  # (method, variant, scenario)
+        for method in args.method:  # each method's upload, by the threat model it declares
+            threat = get_method(method).threat
+            if threat == "full-model":
+                scenarios.append((method, "", fedavg_scenario(fedavg_model, x, y, LocalTraining(steps))))
+            elif threat == "hypernetwork":
+                scenarios += [(method, variant, hyperfl_scenario(spec, hypernet, embedding, classifier, x, y,
+                                                                 LocalTraining(steps, clip=PAPER.grad_clip), variant))
+                              for variant in args.variant]
+            else:
+                scenarios.append((method, "", dp_scenario(method, fedavg_model, x, y, LocalTraining(
+                    steps, dp_clip=args.dp_clip, dp_sigma=sigma), args.seed)))
+        for method, variant, scenario in scenarios:
             log(f"attacking {scenario.name} ({setting}, {args.attack}, {args.iterations} iterations)")
             rec = reconstruct(scenario.simulate, scenario.observed, tuple(x.shape), spec.num_classes, bounds,
                               scenario.labels, scenario.unknowns, args.attack, budget,
                               progress=progress_bar(scenario.name))
             recon = match_to_ground_truth((rec.images.cpu() * std + mean).clamp(0, 1), truth)
             p, s = psnr(recon, truth), ssim(recon, truth)
-            method, variant = (("hyperfl", scenario.name[len("hyperfl-"):]) if scenario.name.startswith("hyperfl-")
-                               else (scenario.name, ""))
             rows.append({"method": method, "variant": variant,
                          "variant_name": VARIANT_NAMES.get(variant, "IG" if args.attack == "ig" else "DLG"),
                          "setting": setting, "psnr": p.mean().item(), "ssim": s.mean().item(),

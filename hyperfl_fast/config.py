@@ -1,4 +1,9 @@
-"""Run configuration: the paper's defaults and the checks that run before any work starts."""
+"""Run configuration: the paper's defaults (the one place they are written: the training CLI's flags, the Flower
+run config and the attack CLI read them from :class:`Config`) and the checks that run before any work starts.
+
+What each method is (its name, whether it is DP, which options it supports) comes from its declaration in
+:mod:`hyperfl_fast.methods`.
+"""
 from __future__ import annotations
 
 import math
@@ -6,13 +11,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-METHODS = ("hyperfl", "fedavg", "local", "dp-fedavg", "ppsgd", "centaur")
-DP_METHODS = ("dp-fedavg", "ppsgd", "centaur")
-# The figure the paper reports per method: the mean local accuracy (each client's own trained model on its
-# test split) for personalised methods, the global model's accuracy for non-personalised ones (FedAvg).
-HEADLINE = {"hyperfl": "local_acc", "fedavg": "global_acc", "local": "local_acc", "dp-fedavg": "global_acc",
-            "ppsgd": "local_acc", "centaur": "local_acc"}
-HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-model accuracy"}
 ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
 PRECISIONS = ("fp32", "tf32")  # as hyperfl_fast.ops.precision
@@ -80,7 +78,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # "tf32": TF32 tensor cores in cuBLAS, cuDNN and the Triton kernels (about 1e-3 relative)
-    # hyperfl, batched engine, CUDA: replay each local step from a CUDA graph (hyperfl_fast.graphs); off by
+    # hyperfl, batched engine, CUDA: replay each local step from a CUDA graph (hyperfl_fast.lockstep.graphs); off by
     # default until the test suite has passed with it on a GPU
     cuda_graphs: bool = False
     # which path each op takes on CUDA: "measured" (the fastest correct one on this GPU, timed at first use and
@@ -92,8 +90,11 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
+        from .methods import CUDA_GRAPHS, METHODS, POISSON, method_names
+
         if self.method not in METHODS:
             raise ConfigError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method = METHODS[self.method]
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine: unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.client_init not in CLIENT_INITS:
@@ -127,9 +128,12 @@ class Config:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available")
-        if self.cuda_graphs and (self.method, self.engine) != ("hyperfl", "batched"):
-            raise ConfigError(f"--cuda-graphs: only hyperfl's batched engine captures its steps, not "
-                              f"{self.method} on the {self.engine} engine")
+        if self.cuda_graphs and (CUDA_GRAPHS not in method.supports or self.engine != "batched"):
+            raise ConfigError(f"--cuda-graphs: only {' and '.join(method_names(CUDA_GRAPHS))}'s batched engine "
+                              f"captures its steps, not {self.method} on the {self.engine} engine")
+        if self.poisson and POISSON not in method.supports:
+            raise ConfigError(f"--poisson samples DP-SGD batches: it applies to {', '.join(method_names(POISSON))}, "
+                              f"not {self.method}")
         if self.cuda_graphs and self.torch_device().type != "cuda":
             raise ConfigError("--cuda-graphs needs a CUDA device (--device cuda)")
         return self

@@ -8,7 +8,11 @@
   with ``clients=True`` it is vectorised over a leading client dimension too.
 - :func:`private_gradient`: clip each sample's gradient to norm C (over all
   tensors together), sum, add Gaussian noise N(0, (sigma C)^2) drawn from a
-  keyed CPU generator per client, divide by the batch's size.
+  keyed CPU generator per client, divide by the batch's size.  This is the one
+  clip-and-noise of the package: the per-client step the authors' way
+  (:func:`dp_sgd_step`), the lockstep engines (:func:`private_step_grads`) and
+  the attacks' simulation of a DP upload (:mod:`hyperfl_fast.privacy.attacks`)
+  all call it.
 
 Shapes: a per-example gradient is (B, *shape), or (N, B, *shape) with a client
 dimension; ``valid`` (B,) or (N, B) marks real rows of padded batches.
@@ -88,7 +92,7 @@ def per_example_grads(model: torch.nn.Module, params: dict[str, torch.Tensor],
 
 
 def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, clip: float,
-                     sigma: float | list[float], generators: list[torch.Generator],
+                     sigma: float | list[float], generators: list[torch.Generator] | None,
                      denominator: float | list[float] | None = None) -> dict[str, torch.Tensor]:
     """DP-SGD's gradient: sum of per-sample gradients clipped to ``clip``, plus N(0, (sigma clip)^2), over B.
 
@@ -98,7 +102,8 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
     ``generators`` one CPU generator per client (one without a client
     dimension): client n's noise is drawn from generators[n],
     tensor by tensor in the order of ``per_example``, so any engine that keys
-    them alike draws the same noise.
+    them alike draws the same noise; None adds no noise (an attacker's
+    simulation).  Differentiable in ``per_example``.
     """
     clients = valid.dim() == 2
     rows = valid.dim()  # per-example tensors are (*valid.shape, *param shape)
@@ -110,30 +115,46 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
     for name, g in per_example.items():
         summed = (factor.view(*factor.shape, *[1] * (g.dim() - rows)) * g).sum(rows - 1)  # (..., *shape)
         shape = summed.shape[1:] if clients else summed.shape
-        noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators]) if clients else \
-            torch.randn(shape, generator=generators[0])
-        std = clip * torch.as_tensor(sigma, dtype=summed.dtype, device=summed.device)
-        std = std.view(*std.shape, *[1] * len(shape))  # per client: (N, 1, ...)
-        out[name] = (summed + std * noise.to(summed)) / count.view(*count.shape, *[1] * len(shape))
+        if generators is not None:
+            noise = torch.stack([torch.randn(shape, generator=gen) for gen in generators]) if clients else \
+                torch.randn(shape, generator=generators[0])
+            std = clip * torch.as_tensor(sigma, dtype=summed.dtype, device=summed.device)
+            summed = summed + std.view(*std.shape, *[1] * len(shape)) * noise.to(summed)  # per client: (N, 1, ...)
+        out[name] = summed / count.view(*count.shape, *[1] * len(shape))
     return out
+
+
+def private_step_grads(template: torch.nn.Module, trainable: dict[str, torch.Tensor], x: torch.Tensor,
+                       y: torch.Tensor, valid: torch.Tensor, cfg, privacy: "ClientPrivacy", cids: list[int],
+                       round_idx: int, epoch: int, step: int,
+                       frozen: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """One lockstep DP-SGD step's gradients of ``trainable`` (N, *shape) for all clients (batch x (N, B, ...),
+    y and valid (N, B)): every sample's gradient at once, clipped and noised with each client's sigma and the
+    reference's keyed noise."""
+    per_example = per_example_grads(template, trainable, torch.nn.functional.cross_entropy, x, y, clients=True,
+                                    frozen=frozen)  # (N, B, *shape)
+    noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in cids]
+    expected = [expected_batch_size(cfg, privacy.sizes[c]) for c in cids] if cfg.poisson else None
+    grads = private_gradient(per_example, valid, cfg.dp_clip, [privacy.sigmas[c] for c in cids], noise, expected)
+    return list(grads.values())
 
 
 def dp_sgd_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                 x: torch.Tensor, y: torch.Tensor, clip: float, sigma: float, generator: torch.Generator,
                 denominator: float | None = None) -> None:
-    """One DP-SGD step on ``params`` the authors' way, the per-client oracle of :func:`private_gradient`:
-    a backward pass per sample, each gradient clipped to ``clip``, their sum plus N(0, (sigma clip)^2) noise
-    (from ``generator``, tensor by tensor) divided by the batch size (or ``denominator``: the expected batch
-    size under Poisson sampling; the batch may then be empty), then the optimizer's step."""
-    total = [torch.zeros_like(p) for p in params]
-    for xi, yi in zip(x, y):
-        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xi[None]), yi[None]), params)
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        scale = (clip / (norm + 1e-6)).clamp(max=1.0)
-        for t, g in zip(total, grads):
-            t.add_(g * scale)
-    for p, t in zip(params, total):
-        p.grad = (t + sigma * clip * torch.randn(t.shape, generator=generator).to(t)) / (denominator or len(y))
+    """One DP-SGD step on ``params`` the authors' way, the per-client oracle of the lockstep engines' step:
+    a backward pass per sample, then :func:`private_gradient` (each gradient clipped to ``clip``, their sum plus
+    N(0, (sigma clip)^2) noise from ``generator``, tensor by tensor, divided by the batch size or
+    ``denominator``: the expected batch size under Poisson sampling; the batch may then be empty), then the
+    optimizer's step."""
+    per_sample = [torch.autograd.grad(torch.nn.functional.cross_entropy(model(xi[None]), yi[None]), params)
+                  for xi, yi in zip(x, y)]
+    per_example = {i: torch.stack([g[i] for g in per_sample]) if per_sample else p.new_zeros(0, *p.shape)
+                   for i, p in enumerate(params)}
+    grads = private_gradient(per_example, torch.ones(len(y), dtype=torch.bool, device=params[0].device), clip,
+                             sigma, [generator], denominator)
+    for i, p in enumerate(params):
+        p.grad = grads[i]
     optimizer.step()
 
 

@@ -15,8 +15,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .data import ImageDataset, random_crop_flip
-from .partition import ClientSplit
+from .config import Config, ConfigError
+from .data import ImageDataset, load_dataset, random_crop_flip
+from .models import cnn_spec
+from .partition import ClientSplit, partition
 
 
 def make_generator(*keys: int) -> torch.Generator:
@@ -119,3 +121,23 @@ class ClientResult:
     local_acc: float  # test accuracy of the locally trained model
     global_acc: float  # test accuracy with the new global model (HyperFL: global hypernetwork)
     epsilon: float | None = None  # DP methods: the privacy spent so far (Opacus' RDP accountant, at --delta)
+
+
+def load_partition(cfg: Config, log: Callable[[str], None] = print):
+    """Load ``cfg.dataset`` and split it over ``cfg.clients`` clients: (dataset, splits, model spec).
+
+    Deterministic in the settings, so every process (e.g. each Flower SuperNode) computes the same split.
+    """
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    local_size = cfg.local_size or dataset.local_size
+    test_size = cfg.test_size or dataset.test_size
+    try:
+        splits = partition(dataset.train_labels.numpy(), dataset.test_labels.numpy(), dataset.num_classes,
+                           dataset.class_groups, cfg.clients, local_size, test_size, cfg.iid_share, cfg.iid,
+                           cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.dataset}: {exc}") from None
+    if cfg.batch_size > local_size:
+        log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
+            f"each epoch is one batch of {local_size}")
+    return dataset, splits, cnn_spec(dataset.in_channels, dataset.num_classes)

@@ -15,21 +15,21 @@ from typing import Callable, Iterable
 import torch
 
 from .config import Config
-from .dp import ClientPrivacy
+from .engines import Engine, State
 from .federation import ClientData, ClientResult
-from .methods import Method, State
+from .methods import Method
 from .models import CNNSpec
 
 
-class ReferenceEngine:
+class ReferenceEngine(Engine):
     """Runs ``method`` client by client; holds the server's state and every client's private state."""
 
     progress_unit = "client"
 
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
-        self.method, self.spec, self.clients, self.cfg = method, spec, clients, cfg
+        super().__init__(method, spec, clients, cfg)
+        self.clients = clients
         self.shared, self.private = method.init_states(spec, len(clients), cfg, device)
-        self.privacy = ClientPrivacy.from_config([c.num_train for c in clients], cfg) if method.dp else None
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
@@ -57,14 +57,7 @@ class ReferenceEngine:
         """Client ``cid``'s private state."""
         return self.private[cid]
 
-    def state_dict(self) -> dict:
-        return {"global": self.shared, "clients": self.private,
-                **({"privacy": self.privacy.state_dict()} if self.privacy else {})}
-
-    def load_state_dict(self, state: dict) -> None:
-        if set(state["global"]) != set(self.shared) or len(state["clients"]) != len(self.private):
-            raise KeyError("the saved states do not match this method's")
-        self.shared = {k: t.clone() for k, t in state["global"].items()}
-        self.private = [{k: t.clone() for k, t in c.items()} for c in state["clients"]]
-        if self.privacy:
-            self.privacy.load_state_dict(state["privacy"])
+    def load_states(self, global_state: State, client_states: list[State]) -> None:
+        device = next(iter({**self.shared, **self.private[0]}.values())).device
+        self.shared = {k: t.to(device, copy=True) for k, t in global_state.items()}
+        self.private = [{k: t.to(device, copy=True) for k, t in c.items()} for c in client_states]

@@ -29,17 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import check_writable, write_json
-from .config import DP_METHODS, HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
+from .config import Config, ConfigError
 from .data import DATASETS, DatasetError, dataset_present
+from .interrupts import graceful_interrupts
+from .methods import HEADLINE_NAMES, METHODS, get_method
 from .runner import RESUME_MAY_CHANGE, TrainingDiverged, run
 
 TABLE_DATASETS = ("fmnist", "emnist", "cifar10", "cinic10")
-# Table 1 of the paper (20 clients, 200 rounds): the figures this package has on record
-PAPER_TABLE = {
-    ("fmnist", "hyperfl"): 88.28,
-    ("fmnist", "fedavg"): 85.67,
-    ("fmnist", "local"): 85.93,
-}
+# Table 1 of the paper (20 clients, 200 rounds): each method declares its own figures (Method.paper)
 
 
 @dataclass
@@ -64,7 +61,7 @@ def finished_rounds(out: Path, cfg: Config) -> list[dict] | None:
     except (OSError, ValueError):
         return None
     same = all(saved["config"].get(k) == v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE)
-    if cfg.method in DP_METHODS:  # their noise follows from the total rounds: only the same run will do
+    if get_method(cfg.method).dp:  # their noise follows from the total rounds: only the same run will do
         same = same and saved["config"].get("rounds") == cfg.rounds
     if same and len(saved["rounds"]) >= cfg.rounds:
         return saved["rounds"][:cfg.rounds]  # every draw is keyed by round: a longer run's prefix is this run
@@ -98,9 +95,9 @@ def table_rows(curves: list[RunCurve]) -> list[dict]:
         group = [c for c in curves if (c.dataset, c.method) == (dataset, method)]
         finals = [c.final for c in group]
         mean = statistics.fmean(finals)
-        paper = PAPER_TABLE.get((dataset, method))
+        paper = get_method(method).paper.get(dataset)
         rows.append({
-            "dataset": dataset, "method": method, "figure": HEADLINE_NAMES[HEADLINE[method]],
+            "dataset": dataset, "method": method, "figure": HEADLINE_NAMES[get_method(method).headline],
             "seeds": [c.seed for c in group], "mean": mean,
             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "paper": paper, "difference": None if paper is None else mean - paper,
@@ -140,7 +137,7 @@ def plot_curves(curves: list[RunCurve], output_dir: Path) -> list[Path]:
             x = range(1, len(group[0]) + 1)
             per_round = list(zip(*group))
             line, = ax.plot(x, [statistics.fmean(v) for v in per_round],
-                            label=f"{method} ({HEADLINE_NAMES[HEADLINE[method]]})")
+                            label=f"{method} ({HEADLINE_NAMES[get_method(method).headline]})")
             ax.fill_between(x, [min(v) for v in per_round], [max(v) for v in per_round], color=line.get_color(),
                             alpha=0.2)
         ax.set(xlabel="round", ylabel="test accuracy (%)",
@@ -212,14 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        methods = _names(args.methods, METHODS, "--methods")
+        methods = _names(args.methods, list(METHODS), "--methods")
         datasets = _names(args.datasets, list(DATASETS), "--datasets")
         if args.seeds <= 0:
             raise ConfigError(f"--seeds must be positive, got {args.seeds}")
         base = Config(rounds=args.rounds, clients=args.clients, local_epochs=args.local_epochs,
                       client_init=args.client_init, engine=args.engine, device=args.device,
                       data_dir=args.data_dir).validate()
-        reproduce(base, methods, datasets, list(range(args.seeds)), args.output_dir)
+        with graceful_interrupts():  # Ctrl-C or SIGTERM: stop after saving; a second one: stop at once
+            reproduce(base, methods, datasets, list(range(args.seeds)), args.output_dir)
     except (ConfigError, DatasetError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 A checkpoint is written after every round (atomically, on a background thread
 while the next round trains, see :class:`~hyperfl_fast.checkpoint.BackgroundWriter`),
-so a crash loses at most the round in flight; ``resume=True`` continues from it and, because every
+so a crash loses the round in flight, plus the round before it only if the crash
+falls while that round's checkpoint is still being written (a fraction of a
+second); Ctrl-C waits for the write.  ``resume=True`` continues from it and, because every
 random draw is keyed by (seed, round, client, epoch), gives the same result as
 a run that never stopped.
 """
@@ -20,17 +22,17 @@ from typing import Callable
 import torch
 
 from . import ops
-from .checkpoint import (BackgroundWriter, CheckpointError, check_writable, load_checkpoint, write_csv,
-                         write_json)
-from .config import DP_METHODS, HEADLINE, HEADLINE_NAMES, Config, ConfigError
-from .data import load_dataset
+from .checkpoint import BackgroundWriter, CheckpointError, check_writable, load_checkpoint
+from .config import Config, ConfigError
 from .engines import build_engine
-from .federation import ClientResult, build_clients, sample_clients
-from .models import cnn_spec
-from .partition import partition
+from .federation import build_clients, load_partition, sample_clients
+from .methods import get_method
+from .metrics import round_record, write_metrics
 from .progress import progress_bar
 
-RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs", "dispatch", "ops_path"}
+# settings a run may change when it resumes (every engine saves the same state, so the engine is one of them)
+RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs", "dispatch", "ops_path",
+                     "engine"}
 # settings older checkpoints lack, with the behaviour those runs had
 LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False}
 
@@ -52,26 +54,6 @@ def output_dir_for(cfg: Config) -> Path:
     return Path(cfg.output_dir or f"runs/{cfg.dataset}-{cfg.method}")
 
 
-def load_partition(cfg: Config, log: Callable[[str], None] = print):
-    """Load ``cfg.dataset`` and split it over ``cfg.clients`` clients: (dataset, splits, model spec).
-
-    Deterministic in the settings, so every process (e.g. each Flower SuperNode) computes the same split.
-    """
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    local_size = cfg.local_size or dataset.local_size
-    test_size = cfg.test_size or dataset.test_size
-    try:
-        splits = partition(dataset.train_labels.numpy(), dataset.test_labels.numpy(), dataset.num_classes,
-                           dataset.class_groups, cfg.clients, local_size, test_size, cfg.iid_share, cfg.iid,
-                           cfg.seed)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.dataset}: {exc}") from None
-    if cfg.batch_size > local_size:
-        log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
-            f"each epoch is one batch of {local_size}")
-    return dataset, splits, cnn_spec(dataset.in_channels, dataset.num_classes)
-
-
 def prepare(cfg: Config, log: Callable[[str], None] = print):
     """Load the data, partition it and build the engine (errors here come before any training)."""
     device = cfg.torch_device()
@@ -90,36 +72,10 @@ def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings ({', '.join(changed)}); "
                           "use the same flags or another --output-dir")
-    if cfg.method in DP_METHODS and saved.get("rounds") != cfg.rounds:
+    if get_method(cfg.method).dp and saved.get("rounds") != cfg.rounds:
         raise ConfigError(f"--resume: {path} was written with --rounds {saved.get('rounds')}, and {cfg.method} "
                           "derives its noise from the rounds (the privacy budget covers the whole run); resume "
                           "with the same --rounds")
-
-
-def write_metrics(out: Path, cfg: Config, rounds: list[dict], ops_stats: dict | None = None) -> None:
-    """metrics.json (settings, headline, every round, and the ops' paths, calls and measured times) and
-    metrics.csv (one row per round) in ``out``."""
-    headline = {"metric": HEADLINE[cfg.method], "name": HEADLINE_NAMES[HEADLINE[cfg.method]]}
-    write_json(out / "metrics.json", {"config": cfg.to_dict(), "headline": headline, "rounds": rounds,
-                                      **({"ops": ops_stats} if ops_stats else {})})
-    columns = ["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"]
-    write_csv(out / "metrics.csv", columns, [[r[c] for c in columns] for r in rounds])
-
-
-def round_record(cfg: Config, round_idx: int, results: list[ClientResult], seconds: float) -> dict:
-    """One round's entry of metrics.json: means over the round's clients, the headline figure, each client."""
-    n = len(results)
-    accs = {"local_acc": sum(r.local_acc for r in results) / n, "global_acc": sum(r.global_acc for r in results) / n}
-    epsilons = [r.epsilon for r in results if r.epsilon is not None]
-    return {
-        "round": round_idx + 1,
-        "train_loss": sum(r.train_loss for r in results) / n,
-        **accs,
-        "headline_acc": accs[HEADLINE[cfg.method]],  # the figure the paper reports for this method
-        "seconds": seconds,
-        **({"epsilon": max(epsilons)} if epsilons else {}),  # DP methods: the most any client has spent
-        "clients": [vars(r) for r in results],
-    }
 
 
 def _non_finite(record: dict, engine) -> str | None:
@@ -217,8 +173,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     first_round, writer = len(rounds), BackgroundWriter()
     try:
         _train(cfg, engine, rounds, first_round, out, checkpoint, writer, log)
-    finally:
-        writer.close()  # the last finished round is on disk before run() returns, or the interrupt goes on
+    except BaseException:  # an interrupt or a divergence: the last finished round still reaches the disk
+        try:
+            writer.close()
+        except Exception as exc:  # ... unless writing it fails, which must not hide why the run stopped
+            log(f"warning: the last round's checkpoint could not be written ({exc})")
+        raise
+    writer.close()
     return RunResult(cfg, rounds, out)
 
 
@@ -233,9 +194,8 @@ def _train(cfg: Config, engine, rounds: list[dict], first_round: int, out: Path,
         problem = _non_finite(record, engine)
         if problem:
             kept = f"{out} keeps rounds 1-{round_idx}" if round_idx else "no round was saved"
-            advice = f"a smaller --lr (now {cfg.lr})" + (
-                f", --classifier-lr (now {cfg.classifier_lr}) or --grad-clip (now {cfg.grad_clip})"
-                if cfg.method == "hyperfl" else "")
+            flags = [f"--{name.replace('_', '-')} (now {getattr(cfg, name)})" for name in get_method(cfg.method).step_flags]
+            advice = "a smaller " + (", ".join(flags[:-1]) + " or " + flags[-1] if len(flags) > 1 else flags[0])
             raise TrainingDiverged(f"round {round_idx + 1}: training diverged (non-finite {problem}); {kept}. "
                                    f"Try {advice}")
         rounds.append(record)

@@ -10,8 +10,10 @@ import argparse
 import shlex
 import sys
 
-from .config import CLIENT_INITS, DEFAULT_ROUNDS, ENGINES, HEADLINE, HEADLINE_NAMES, METHODS, Config, ConfigError
+from .config import CLIENT_INITS, DEFAULT_ROUNDS, ENGINES, Config, ConfigError
 from .data import DATASETS, DatasetError
+from .interrupts import graceful_interrupts
+from .methods import HEADLINE_NAMES, METHODS, POISSON, get_method, method_names
 from .runner import TrainingDiverged, completed_rounds, output_dir_for, run
 
 
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=d.delta, help="DP methods: target delta")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, help="DP methods: per-example gradient norm bound")
     p.add_argument("--poisson", action="store_true",
-                   help="DP methods: Poisson-sampled DP-SGD batches, under which the reported epsilon holds "
-                        "(default: shuffled batches, as the authors' code; epsilon is then nominal)")
+                   help=f"{', '.join(method_names(POISSON))}: Poisson-sampled DP-SGD batches, under which the reported "
+                        "epsilon holds (default: shuffled batches, as the authors' code; epsilon is then nominal)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="client embedding size")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hypernetwork hidden size")
     p.add_argument("--client-init", default=d.client_init,
@@ -91,7 +93,7 @@ def summary_line(result) -> str:
     """The closing line of a run: the paper's headline figure for the method first, then both accuracies."""
     cfg, final = result.config, result.final
     seconds = sum(r["seconds"] for r in result.rounds) / len(result.rounds)
-    headline = HEADLINE_NAMES[HEADLINE[cfg.method]]
+    headline = HEADLINE_NAMES[get_method(cfg.method).headline]
     return (f"done: {cfg.method} on {cfg.dataset}, {final['round']} rounds | "
             f"headline ({headline}, the figure the paper reports for {cfg.method}) {final['headline_acc']:.2f}% | "
             f"mean local accuracy {final['local_acc']:.2f}% | global-model accuracy {final['global_acc']:.2f}% | "
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg, flags = parse_config(argv)
-        result = run(cfg, **flags)
+        with graceful_interrupts():  # Ctrl-C or SIGTERM: stop after saving; a second one: stop at once
+            result = run(cfg, **flags)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

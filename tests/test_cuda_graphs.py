@@ -3,9 +3,9 @@ computes what the reference engine computes; a capture that fails falls back to 
 import pytest
 import torch
 
-import hyperfl_fast.graphs as graphs
+import hyperfl_fast.lockstep.graphs as graphs
 import hyperfl_fast.methods.hyperfl as hyperfl
-from hyperfl_fast.batched import Batch
+from hyperfl_fast.lockstep.data import Batch
 from hyperfl_fast.config import Config, ConfigError
 
 from test_engine_equivalence import assert_same_results, assert_same_states, federation, run_both

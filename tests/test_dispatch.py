@@ -239,3 +239,18 @@ def test_the_factored_heads_are_measured_at_their_full_span(measuring):
         assert measuring.resolve(RMATVEC, None, (*args, span)) == "torch"
     (key,) = measuring.choices
     assert key.endswith(f",{s}|fp32") and measuring.timer.calls == ["torch", "triton"]
+
+
+def test_a_path_the_op_refuses_is_no_candidate_and_the_fallback_is_never_a_rejected_one(measuring):
+    """The op's own limits (``check``) apply to measurement; if every candidate is out, a path that was not."""
+    op = measuring.register(toy_op("limits", torch_impl=lambda x, k: x * k + 1.0))  # torch: wrong here
+
+    def check(path):
+        if path == "triton":
+            raise ValueError("limits: the triton path supports hidden size <= 256")
+    measuring.timer = FakeTimer({"torch": 1e-3, "triton": 1e-4})
+    x = torch.randn(4, 3)
+    assert measuring.resolve(op, None, (x, 2), check=check) == "reference"
+    rejected = measuring.choices[dispatch.call_key(op, (x, 2))].rejected
+    assert rejected["triton"].startswith("ValueError: limits") and rejected["torch"].startswith("relative error")
+    assert measuring.timer.calls == []

@@ -12,7 +12,7 @@ computes HyperFL itself (factored heads included) and not something near it.
 import pytest
 import torch
 
-from hyperfl_fast.batched import StackedSGD
+from hyperfl_fast.lockstep.optim import StackedSGD
 from hyperfl_fast.config import Config
 from hyperfl_fast.engines import build_batched, build_reference
 from hyperfl_fast.federation import sample_clients
@@ -133,3 +133,55 @@ def test_batched_engine_on_triton_ops_matches_torch_ops(in_channels, monkeypatch
         for a, b in zip(want, got):
             assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
             assert b.local_acc == a.local_acc and b.global_acc == a.global_acc
+
+
+@pytest.mark.parametrize("method,first,second", [
+    ("hyperfl", "reference", "batched"), ("hyperfl", "batched", "reference"), ("fedavg", "batched", "reference"),
+    ("local", "reference", "batched"), ("dp-fedavg", "reference", "batched"), ("centaur", "batched", "reference")])
+def test_a_run_continues_on_the_other_engine(method, first, second, float64):
+    """Every engine saves the same state: round 1 on one engine, round 2 on the other, equals round 2 on the
+    first (to 1e-9 in float64), whichever way round; the state survives the trip exactly."""
+    cfg = Config(dataset="synthetic", method=method, clients=3, local_epochs=1, batch_size=20, device="cpu", seed=1)
+    clients = federation(1, [40, 33, 40])
+    spec = cnn_spec(1, 10)
+    build = {"reference": build_reference, "batched": build_batched}
+    straight = build[first](spec, clients, cfg, torch.device("cpu"))
+    straight.run_round(0, [0, 1, 2])
+    saved = straight.state_dict()
+    assert saved["format"] == "hyperfl_fast/engine-state/1" and saved["method"] == method
+    other = build[second](spec, clients, cfg, torch.device("cpu"))
+    other.load_state_dict(saved)
+    for key in ("global", "clients"):  # nothing lost or changed on the way
+        torch.testing.assert_close(other.state_dict()[key], saved[key], rtol=0, atol=0)
+    want, got = straight.run_round(1, [0, 2]), other.run_round(1, [0, 2])
+    assert_same_results([(want, got)])
+    assert_same_states(straight, other, 3)
+
+
+def test_a_state_that_does_not_fit_is_refused_before_anything_is_loaded(float64):
+    cfg = Config(dataset="synthetic", method="hyperfl", clients=3, local_epochs=1, batch_size=20, device="cpu")
+    clients = federation(1, [40, 33, 40])
+    engine = build_batched(cnn_spec(1, 10), clients, cfg, torch.device("cpu"))
+    saved = engine.state_dict()
+    before = engine.state_dict()["global"]["fc.weight"].clone()
+    bad = {**saved, "global": {**saved["global"], "fc.weight": torch.zeros(3, 3)}}
+    with pytest.raises(ValueError, match=r"the server's state: fc.weight is \(3, 3\), this run's \(128, 64\)"):
+        engine.load_state_dict(bad)
+    with pytest.raises(ValueError, match="it holds a fedavg run, not hyperfl"):
+        engine.load_state_dict({**saved, "method": "fedavg"})
+    with pytest.raises(ValueError, match="older, engine-specific layout"):
+        engine.load_state_dict({"hypernet": saved["global"]})
+    with pytest.raises(ValueError, match="it holds 2 clients' states, this run has 3"):
+        engine.load_state_dict({**saved, "clients": saved["clients"][:2]})
+    assert torch.equal(engine.state_dict()["global"]["fc.weight"], before)
+
+
+def test_the_cli_resumes_a_run_on_the_other_engine(tmp_path, capsys):
+    from hyperfl_fast.train import main
+
+    flags = ["--dataset", "synthetic", "--clients", "3", "--local-size", "30", "--test-size", "20",
+             "--local-epochs", "1", "--batch-size", "15", "--device", "cpu", "--output-dir", str(tmp_path)]
+    assert main(flags + ["--rounds", "1", "--engine", "reference"]) == 0
+    assert main(flags + ["--rounds", "2", "--engine", "batched", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "engine batched" in out and "round    2/2" in out

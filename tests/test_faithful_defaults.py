@@ -112,11 +112,12 @@ def test_reproduce_writes_table_plots_json_and_skips_finished_runs(tiny_config, 
 
 
 def test_reproduce_paper_column_for_fmnist(tmp_path):
-    from hyperfl_fast.reproduce import PAPER_TABLE, markdown_table, table_rows, RunCurve
+    from hyperfl_fast.methods import get_method
+    from hyperfl_fast.reproduce import markdown_table, table_rows, RunCurve
 
     curves = [RunCurve("fmnist", "hyperfl", s, [80.0, acc], 10.0) for s, acc in enumerate([88.0, 89.0])]
     rows = table_rows(curves)
-    assert rows[0]["paper"] == PAPER_TABLE[("fmnist", "hyperfl")] == 88.28
+    assert rows[0]["paper"] == get_method("hyperfl").paper["fmnist"] == 88.28
     assert rows[0]["difference"] == pytest.approx(88.5 - 88.28)
     assert "| fmnist | hyperfl | mean local accuracy | 88.50 ± 0.71 | 2 | 88.28 | +0.22 | 10.0 |" in \
         markdown_table(rows, "")

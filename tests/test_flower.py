@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from hyperfl_fast.checkpoint import load_checkpoint
-from hyperfl_fast.config import DP_METHODS, Config
+from hyperfl_fast.config import Config
+from hyperfl_fast.methods import get_method
 from hyperfl_fast.runner import prepare
 
 pytest.importorskip("flwr")  # installed by `make test`; the extra is hyperfl_fast[flower]
@@ -245,7 +246,7 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
             assert set(upload) == set(shared)  # HyperFL: the hypernetwork; local: nothing
             assert metrics["rounds-before"] == round_idx
             assert metrics["train-loss"] == pytest.approx(want.train_loss, rel=1e-4)
-            assert metrics.get("epsilon") == (pytest.approx(want.epsilon) if cfg.method in DP_METHODS else None)
+            assert metrics.get("epsilon") == (pytest.approx(want.epsilon) if get_method(cfg.method).dp else None)
         if shared:
             records = [RecordDict({"arrays": ArrayRecord(up), "metrics": MetricRecord(m)}) for up, m in replies]
             shared = aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()

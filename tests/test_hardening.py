@@ -11,7 +11,7 @@ import torch
 
 import hyperfl_fast.runner as runner
 from hyperfl_fast.engines import build_batched, build_reference
-from hyperfl_fast.checkpoint import state_digest
+from hyperfl_fast.checkpoint import load_checkpoint, state_digest
 from hyperfl_fast.config import Config
 from hyperfl_fast.models import cnn_spec
 from hyperfl_fast.train import build_parser, main
@@ -23,8 +23,8 @@ SMALL = ["--dataset", "synthetic", "--clients", "3", "--local-size", "40", "--te
 
 
 def train_subprocess(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "hyperfl_fast.train", *SMALL, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "hyperfl_fast.train", *SMALL, *args],
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kwargs})
 
 
 def snapshot(folder):
@@ -59,7 +59,7 @@ def test_engines_agree_with_an_oversized_batch(method):
 
 
 def test_batched_engine_never_pads_beyond_the_data():
-    from hyperfl_fast.batched import RoundSchedule, StackedData
+    from hyperfl_fast.lockstep.data import RoundSchedule, StackedData
 
     _, clients = small_federation(clients=2, local_size=40)
     batches = list(RoundSchedule(StackedData(clients), [0, 1], 100000, 0, 0, range(1)).batches(0))
@@ -87,12 +87,12 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_round(tmp
     monkeypatch.setattr(runner, "prepare", prepare_poisoned)
     assert main(SMALL + ["--rounds", "3", "--output-dir", str(tmp_path)]) == 3
     err = capsys.readouterr().err
-    assert err.startswith("error: round 2: training diverged (non-finite parameters hypernet.fc.weight)")
+    assert err.startswith("error: round 2: training diverged (non-finite parameters global.fc.weight)")
     assert f"{tmp_path} keeps rounds 1-1" in err and "Try a smaller --lr (now 0.02)" in err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1]
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert len(saved["rounds"]) == 1 and torch.isfinite(saved["engine"]["hypernet"]["fc.weight"]).all()
+    assert len(saved["rounds"]) == 1 and torch.isfinite(saved["engine"]["global"]["fc.weight"]).all()
 
 
 def test_a_real_divergence_is_caught(tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_damaged_checkpoint_is_one_clear_line(damage, message, finished_run, cap
 def test_checkpoint_with_flipped_weight_bytes_fails_its_integrity_check(finished_run, capsys):
     path = finished_run / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    state["engine"]["hypernet"]["heads.weight"].view(-1)[1000:1010] = torch.frombuffer(
+    state["engine"]["global"]["heads.weight"].view(-1)[1000:1010] = torch.frombuffer(
         bytearray(os.urandom(40)), dtype=torch.float32)
     torch.save(state, path)  # a well-formed file whose weights no longer match the digest
     assert main(SMALL + ["--rounds", "2", "--resume", "--output-dir", str(finished_run)]) == 2
@@ -188,20 +188,26 @@ def test_stale_tmp_checkpoint_is_cleaned(finished_run, capsys):
 
 # --------------------------------------------------------------------------- 5. Ctrl-C
 
-def test_ctrl_c_prints_one_line_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_prints_one_line_and_resume_continues(tmp_path, sig):
+    """The round log goes to a file, not a pipe nobody reads while the run goes on (a full pipe blocks the
+    child in a write, and its exit in the final flush): the one thing waited for after the signal is the run."""
     out = tmp_path / "run"
-    proc = train_subprocess(["--rounds", "500", "--output-dir", str(out)])
-    deadline = time.time() + 120
-    while time.time() < deadline and runner.completed_rounds(out) < 2:
-        time.sleep(0.2)
-    assert runner.completed_rounds(out) >= 2, "the run did not get going"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    with open(tmp_path / "stdout.log", "w") as log:
+        proc = train_subprocess(["--rounds", "500", "--output-dir", str(out)], stdout=log)
+        deadline = time.time() + 120
+        while time.time() < deadline and runner.completed_rounds(out) < 2:
+            time.sleep(0.2)
+        assert runner.completed_rounds(out) >= 2, "the run did not get going"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in stderr
     done = runner.completed_rounds(out)
     assert lines[0].startswith(f"interrupted in round {done + 1}: rounds 1-{done} are saved in {out}")
+    assert load_checkpoint(out / "checkpoint.pt", torch.device("cpu"))[0]["rounds"] == \
+        json.loads((out / "metrics.json").read_text())["rounds"]  # checkpoint and metrics agree
     assert lines[0].endswith("--resume") and "--rounds 500" in lines[0]
     assert main(SMALL + ["--rounds", str(done + 1), "--resume", "--output-dir", str(out)]) == 0
     assert runner.completed_rounds(out) == done + 1
@@ -284,3 +290,18 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(tmp_path, mon
     writer.submit(tmp_path / "d.pt", {"config": {}, "engine": {}, "rounds": []})
     with pytest.raises(OSError, match="disk full"):
         writer.close()
+
+
+def test_a_second_interrupt_stops_at_once(tmp_path):
+    """Pressing Ctrl-C twice does not wait for anything (e.g. a slow checkpoint write)."""
+    code = ("import time\nfrom hyperfl_fast.interrupts import graceful_interrupts\n"
+            "with graceful_interrupts():\n"
+            "    try:\n        print('ready', flush=True)\n        time.sleep(60)\n"
+            "    except KeyboardInterrupt:\n        print('saving', flush=True)\n        time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline() == "saving\n"  # the first one is a KeyboardInterrupt the program handles
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted again: stopping at once" in stderr

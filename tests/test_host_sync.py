@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import hyperfl_fast.batched as batched
+import hyperfl_fast.lockstep.data as batched
 from hyperfl_fast import ops
 from hyperfl_fast.engines import build_batched
 from hyperfl_fast.config import Config

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hyperfl_fast.batched import RoundSchedule
+from hyperfl_fast.lockstep.data import RoundSchedule
 from hyperfl_fast.config import Config
 from hyperfl_fast.engines import build_batched
 from hyperfl_fast.kernels import conv, launch

@@ -6,7 +6,7 @@ Run on every ops path: torch, and the Triton kernels (interpreted on the CPU).
 import pytest
 import torch
 
-from hyperfl_fast.lockstep_hypernet import LockstepHypernetwork
+from hyperfl_fast.lockstep.hypernet import LockstepHypernetwork
 from hyperfl_fast.models import HyperNetwork
 
 from conftest import DEVICE

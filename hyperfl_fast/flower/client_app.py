@@ -25,9 +25,8 @@ from flwr.clientapp import ClientApp
 
 from ..config import ConfigError
 from ..dp import ClientPrivacy
-from ..federation import build_clients
+from ..federation import build_clients, load_partition
 from ..methods import get_method
-from ..runner import load_partition
 from .settings import settings_from_run_config
 
 PRIVATE = "private"  # Context.state: the client's private arrays

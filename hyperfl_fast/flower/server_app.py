@@ -1,4 +1,5 @@
-"""The Flower ``ServerApp``: Flower's own ``FedAvg`` over the clients' uploads, plus what this package adds.
+"""The Flower ``ServerApp``: Flower's ``FedAvg`` strategy, aggregating with the method's own rule, plus what this
+package adds.
 
 - **The privacy invariant, checked on what arrives.**  Every reply's arrays
   must be exactly the method's upload (HyperFL: the hypernetwork's
@@ -7,9 +8,12 @@
 - **A hook on each upload** (``on_upload(server_round, partition_id,
   arrays)``), for audits and attacks; with ``audit-uploads`` the server writes
   every upload's keys and shapes, and the figures sent with it, to ``uploads.jsonl``.
-- **The same metrics files** as ``python -m hyperfl_fast.train``
+- **Aggregation by the method** (:meth:`~hyperfl_fast.methods.Method.aggregate`,
+  the in-process engines' rule), over the replies in partition-id order.
+- **The same files** as ``python -m hyperfl_fast.train``: the metrics
   (``metrics.json``, ``metrics.csv``), aggregated from the clients' reports,
-  and the global state after every round (``global.pt``, with a digest).
+  and after every round a checkpoint (``global.pt``, with a digest) in the
+  engines' one layout, holding the server's state and no client state.
 - **Failures.**  The server waits ``round-timeout`` seconds for a round's
   replies, then aggregates those that arrived (weighted by their data sizes,
   as FedAvg does), provided there are at least ``min-clients``; each round's
@@ -17,7 +21,8 @@
   error naming the round, and the files keep the last complete round.
   Before each round the server waits until ``min-clients`` nodes are connected.
 - **Reproducible aggregation.**  Replies are averaged in partition-id order,
-  so a run's global state does not depend on which client answered first.
+  so a run's global state does not depend on which client answered first
+  (and equals the in-process reference engine's bit for bit).
 """
 from __future__ import annotations
 
@@ -35,10 +40,11 @@ from flwr.supercore import log
 from ..checkpoint import check_writable, save_checkpoint
 from ..config import Config
 from ..data import DATASET_SHAPES
+from ..engines import STATE_FORMAT
 from ..federation import ClientResult
-from ..methods import get_method
+from ..methods import Method, get_method
+from ..metrics import round_record, write_metrics
 from ..models import cnn_spec
-from ..runner import round_record, write_metrics
 from .settings import FlowerSettings, settings_from_run_config
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
@@ -56,16 +62,19 @@ def mean_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
 
 
 class UploadAuditingFedAvg(FedAvg):
-    """Flower's ``FedAvg`` (weighted by ``num-examples``) that checks every upload against the method's
-    upload keys, shows each one to ``on_upload``, tolerates missing replies down to ``min_clients`` and writes
-    the run's metrics after every round."""
+    """Flower's ``FedAvg`` strategy that checks every upload against the method's upload keys, shows each one to
+    ``on_upload``, aggregates with the method's rule (weighted by ``num-examples``), tolerates missing replies
+    down to ``min_clients`` and writes the run's metrics after every round."""
 
-    def __init__(self, settings: FlowerSettings, upload_keys: set[str], on_upload: UploadHook | None = None):
+    def __init__(self, settings: FlowerSettings, upload_keys: set[str], on_upload: UploadHook | None = None,
+                 method: Method | None = None):
         n = settings.min_clients
         super().__init__(fraction_train=settings.cfg.frac, fraction_evaluate=settings.cfg.frac, min_train_nodes=n,
                          min_evaluate_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=mean_metrics,
                          evaluate_metrics_aggr_fn=mean_metrics)
         self.settings, self.cfg, self.upload_keys, self.on_upload = settings, settings.cfg, upload_keys, on_upload
+        self.method = method or get_method(settings.cfg.method)
+        self.current: dict[str, torch.Tensor] = {}  # the global state sent this round
         self.rounds: list[dict] = []
         self.trained: dict[int, dict] = {}  # this round's train reports by partition id
         self.failed: list[str] = []
@@ -74,6 +83,7 @@ class UploadAuditingFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.started, self.trained, self.failed = time.perf_counter(), {}, []
+        self.current = arrays.to_torch_state_dict()
         return super().configure_train(server_round, arrays, config, grid)
 
     def _check_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
@@ -104,12 +114,16 @@ class UploadAuditingFedAvg(FedAvg):
         # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which reply came first
         good = sorted(self._check_replies(server_round, replies, "train"),
                       key=lambda msg: int(msg.content["metrics"]["partition-id"]))
+        uploads, weights = [], []
         for msg in good:
             metrics = msg.content["metrics"]
             pid = int(metrics["partition-id"])
             self.trained[pid] = dict(metrics)
             arrays = msg.content.array_records.get("arrays")
             upload = arrays.to_torch_state_dict() if arrays is not None else {}
+            if upload:
+                uploads.append(upload)
+                weights.append(int(metrics[self.weighted_by_key]))
             if self.on_upload:
                 self.on_upload(server_round, pid, upload)
             if self.settings.audit_uploads:
@@ -117,9 +131,10 @@ class UploadAuditingFedAvg(FedAvg):
                     audit.write(json.dumps({"round": server_round, "partition-id": pid,
                                             "arrays": {k: list(t.shape) for k, t in upload.items()},
                                             "metrics": dict(metrics)}) + "\n")
+        metrics = mean_metrics([m.content for m in good], self.weighted_by_key)
         if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
-            return None, mean_metrics([m.content for m in good], self.weighted_by_key)
-        return super().aggregate_train(server_round, good)
+            return None, metrics
+        return ArrayRecord(self.method.aggregate(self.current, uploads, weights)), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         good = self._check_replies(server_round, replies, "evaluate")
@@ -151,12 +166,15 @@ def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook |
     cfg = settings.cfg
     check_writable(settings.output_dir)
     shared = initial_global_state(cfg)
-    strategy = UploadAuditingFedAvg(settings, set(shared), on_upload)
+    method = get_method(cfg.method)
+    strategy = UploadAuditingFedAvg(settings, set(shared), on_upload, method)
 
     def save_global(server_round: int, arrays: ArrayRecord) -> None:
-        if server_round:
+        if server_round:  # the engines' layout; the clients' private states stay on their SuperNodes
+            engine = {"format": STATE_FORMAT, "method": method.name, "global": arrays.to_torch_state_dict(),
+                      "clients": []}
             save_checkpoint(settings.output_dir / "global.pt", {"config": cfg.to_dict(), "rounds": strategy.rounds,
-                                                                 "engine": {"global": arrays.to_torch_state_dict()}})
+                                                                 "engine": engine})
 
     result = strategy.start(grid, ArrayRecord(shared), num_rounds=cfg.rounds, timeout=settings.round_timeout,
                             evaluate_fn=save_global)

@@ -1,21 +1,22 @@
-"""What every federated method is made of, read as the paper's algorithm box.
+"""What every federated method is made of, declared: :class:`Method` (read it as the paper's algorithm box).
 
-A method says what the server holds (``global_state``), what each client keeps
-for itself (its ``private`` state), how one client trains in a round
-(:meth:`Method.client_update`: receive the global state, train, and return
-the upload and the new private state), and how the server aggregates the
-uploads (:meth:`Method.aggregate`).  States are plain ``dict[str, Tensor]``,
-so an engine, a checkpoint or a Flower message can carry them as they are.
+A method says what it is (class attributes: its name, what leaves a client, what a client keeps, its headline
+figure, whether it is DP, which optional features it supports, its paper figures and its lockstep engine) and
+what it does: what the server holds and each client keeps at the start (:meth:`Method.init_states`), how one
+client trains in a round (:meth:`Method.client_update`: receive the global state, train, return the upload and
+the new private state), how the server aggregates the uploads (:meth:`Method.aggregate`) and what model a
+client evaluates (:meth:`Method.predict`).  States are plain ``dict[str, Tensor]``, so an engine, a checkpoint
+or a Flower message carries them as they are.
 
-Engines only supply the client dimension: :mod:`hyperfl_fast.reference` calls
-:meth:`Method.client_update` client after client (and so does the Flower
-``ClientApp``, on its one client), while a method's ``lockstep`` class trains
-all sampled clients at once as stacked tensors (:mod:`hyperfl_fast.batched`
-holds its building blocks).
+A method is one module of this package whose class is decorated with :func:`register`: the registry
+(:data:`hyperfl_fast.methods.METHODS`) is the one list every command line, engine, the attack CLI, the
+reproduction and Flower read.  Engines (:class:`hyperfl_fast.engines.Engine`) only supply the client dimension.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,37 +78,68 @@ def mean_loss(losses: list[float]) -> float:
     return sum(losses) / len(losses) if losses else 0.0
 
 
-class Method:
-    """One federated method.  Subclasses fill in the four parts of the algorithm box.
+# optional features a method may support (Method.supports)
+CUDA_GRAPHS = "cuda_graphs"  # --cuda-graphs: its lockstep steps can be captured (static shapes, in-place state)
+POISSON = "poisson"  # --poisson: Poisson-sampled DP-SGD batches
+ATTACK = "attack"  # python -m hyperfl_fast.attack can attack its upload (Method.threat names the threat model)
+FEATURES = (CUDA_GRAPHS, POISSON, ATTACK)
+HEADLINE_NAMES = {"local_acc": "mean local accuracy", "global_acc": "global-model accuracy"}
 
-    ``dp``: the clients train with record-level DP-SGD (the engines then give
-    each client its noise multiplier ``sigma`` and account for its steps).
-    ``lockstep``: the class that trains every sampled client at once
-    (``lockstep(method, spec, clients, cfg, device)``; it starts from :meth:`init_states`).
-    """
 
-    name: str = ""
-    dp: bool = False
-    lockstep: type | None = None
+class Method(ABC):
+    """One federated method.  Concrete methods set the class attributes below and implement the abstract
+    methods; :func:`register` checks the attributes when the module is imported."""
 
+    name: ClassVar[str]  # as --method
+    paper_row: ClassVar[int]  # its row in the paper's Table 1: tables list the methods in this order
+    headline: ClassVar[str]  # the figure the paper reports: "local_acc" (personalised) or "global_acc"
+    uploads: ClassVar[str]  # what leaves a client each round, in words ("" = nothing)
+    keeps: ClassVar[str]  # what a client keeps between rounds, in words ("" = nothing)
+    dp: ClassVar[bool] = False  # record-level DP-SGD: engines give each client its sigma and account its steps
+    supports: ClassVar[frozenset[str]] = frozenset()  # of FEATURES
+    threat: ClassVar[str | None] = None  # the attack CLI's threat model for its upload (with ATTACK)
+    step_flags: ClassVar[tuple[str, ...]] = ("lr",)  # the settings to lower when its training diverges
+    paper: ClassVar[dict[str, float]] = {}  # Table 1 (20 clients, 200 rounds): its figure by dataset
+    lockstep: ClassVar[type]  # its engine that trains every sampled client at once (an Engine)
+
+    @abstractmethod
     def init_states(self, spec: CNNSpec, num_clients: int, cfg, device: torch.device) -> tuple[State, list[State]]:
         """The server's starting state and every client's starting private state (seeded by the caller)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def client_update(self, spec: CNNSpec, global_state: State, private: State, data: ClientData, cfg,
                       round_idx: int, sigma: float | None = None) -> ClientUpdate:
         """One client's local training in round ``round_idx``, starting from the received ``global_state``."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def predict(self, spec: CNNSpec, global_state: State, private: State) -> torch.nn.Module:
+        """The model a client would use with the global state and its private part (images -> logits); it shares
+        their tensors (no copies), so it is for evaluation, not training."""
 
     def aggregate(self, global_state: State, uploads: list[State], weights: list[float]) -> State:
         """The server's new state: the uploads averaged by ``weights`` (data sizes)."""
         return {**global_state, **weighted_average(uploads, weights)} if uploads else global_state
 
-    def predict(self, spec: CNNSpec, global_state: State, private: State) -> torch.nn.Module:
-        """The model a client would use with the global state and its private part (images -> logits); it shares
-        their tensors (no copies), so it is for evaluation, not training."""
-        raise NotImplementedError
-
     def global_accuracy(self, spec: CNNSpec, global_state: State, private: State, data: ClientData) -> float:
         """A client's test accuracy with the global state and its private part."""
         return accuracy(self.predict(spec, global_state, private), data.test_x, data.test_y)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: check a method's declaration and add one instance of it to the registry."""
+    for attr in ("name", "paper_row", "headline", "uploads", "keeps", "lockstep"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"method {cls.__name__} does not declare {attr!r}")
+    if cls.headline not in HEADLINE_NAMES:
+        raise TypeError(f"method {cls.name}: headline must be one of {', '.join(HEADLINE_NAMES)}, not {cls.headline!r}")
+    if not cls.supports <= set(FEATURES):
+        raise TypeError(f"method {cls.name}: unknown features {sorted(cls.supports - set(FEATURES))}")
+    if (ATTACK in cls.supports) != (cls.threat is not None):
+        raise TypeError(f"method {cls.name}: a method that supports the attack names its threat model, and only then")
+    if cls.name in REGISTRY:
+        raise TypeError(f"two methods are called {cls.name!r}")
+    REGISTRY[cls.name] = cls()
+    return cls

@@ -9,13 +9,20 @@ authors' code does.  sigma spends (``epsilon``, ``delta``) over the whole run
 from __future__ import annotations
 
 from ..dp import dp_batches, dp_sgd_step, expected_batch_size, noise_generator
-from .base import mean_loss, record_loss, sgd
+from .base import ATTACK, POISSON, mean_loss, record_loss, register, sgd
 from .fedavg import FedAvg
 
 
+@register
 class DPFedAvg(FedAvg):
     name = "dp-fedavg"
+    paper_row = 3
+    uploads = "the whole CNN, trained with DP-SGD"
     dp = True
+    supports = frozenset({POISSON, ATTACK})
+    threat = "dp-full-model"
+    step_flags = ("lr", "dp_clip")
+    paper = {}
 
     def train(self, model, data, cfg, round_idx, sigma):
         optimizer = sgd(model.parameters(), cfg, cfg.lr)

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from ..federation import accuracy
 from ..models import init_target_cnns
-from .base import ClientUpdate, Method, detached
+from .base import ATTACK, ClientUpdate, Method, detached, register
 from .full_model import CNNLockstep, cnn_from, train_full_model
 
 
+@register
 class FedAvg(Method):
     name = "fedavg"
+    paper_row = 1
+    headline = "global_acc"  # the paper's FedAvg column is its global model
+    uploads = "the whole CNN"
+    keeps = ""
+    supports = frozenset({ATTACK})
+    threat = "full-model"
+    paper = {"fmnist": 85.67}
     lockstep = CNNLockstep
 
     def init_states(self, spec, num_clients, cfg, device):

@@ -2,7 +2,8 @@
 
 Per client: :func:`cnn_from` (a client's CNN from a state) and
 :func:`train_full_model` (``local_epochs`` epochs of SGD on the whole CNN).
-In lockstep: :class:`CNNLockstep`, all sampled clients' CNNs as stacked tensors.
+In lockstep: :class:`CNNLockstep` (a global CNN) and :class:`LocalLockstep` (private ones), all sampled
+clients' CNNs as stacked tensors.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..batched import (RoundSchedule, StackedData, StackedSGD, batched_accuracy, classify, client_losses,
-                       client_results, private_step_grads, weighted_mean)
 from ..config import Config
-from ..dp import ClientPrivacy
+from ..dp import private_step_grads
+from ..engines import Engine
 from ..federation import ClientData, ClientResult
-from ..models import CNNSpec, TargetCNN, extract_features_batched
+from ..lockstep.data import RoundSchedule, StackedData, weighted_mean
+from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
+from ..lockstep.optim import StackedSGD
+from ..models import CNNSpec, TargetCNN
 from .base import Method, State, load_module, mean_loss_of_epoch, sgd
 
 
@@ -34,38 +37,53 @@ def train_full_model(model: TargetCNN, data: ClientData, cfg: Config, round_idx:
     return loss
 
 
-class CNNLockstep:
-    """``local``, ``fedavg`` and ``dp-fedavg``: full per-client CNNs trained in lockstep as stacked tensors.
+class CNNLockstep(Engine):
+    """``fedavg`` and ``dp-fedavg``: every sampled client trains the global CNN, all of them at once as stacked
+    tensors; the server averages the whole model.  (``local``: :class:`LocalLockstep`.)
 
-    ``dp-fedavg`` trains with record-level DP-SGD: every sample's gradient of
-    every client at once (``torch.func``), clipped and noised as in
-    :func:`hyperfl_fast.dp.private_gradient`, with the reference's keyed noise.
+    ``dp-fedavg`` trains with record-level DP-SGD: every sample's gradient of every client at once
+    (``torch.func``), clipped and noised as in :func:`hyperfl_fast.dp.private_gradient`, with the reference's
+    keyed noise.
     """
 
-    progress_unit = "epoch"
-
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
-        self.spec, self.cfg, self.data, self.method = spec, cfg, StackedData(clients), method.name
-        self.privacy = ClientPrivacy.from_config([c.num_train for c in clients], cfg) if method.dp else None
+        super().__init__(method, spec, clients, cfg)
+        self.data = StackedData(clients)
         shared, privates = method.init_states(spec, len(clients), cfg, device)
-        states = privates if self.method == "local" else [shared]
-        # fedavg, dp-fedavg: the global model (1, ...); local: every client's model (Nc, ...)
-        self.params = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        self.params = self.stored(shared, privates)
         with torch.device("meta"):
             self.template = TargetCNN(spec)  # the module per-example gradients are taken through (no data)
 
-    def logits(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        feats = extract_features_batched(x, params, self.spec)
-        return classify(feats, params["fc2.weight"], params["fc2.bias"])
+    # what varies between a shared model and private ones
+    def stored(self, shared: State, privates: list[State]) -> dict[str, torch.Tensor]:
+        """The engine's store: the global CNN (1, ...)."""
+        return {k: t.unsqueeze(0) for k, t in shared.items()}
+
+    def received(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The CNN each sampled client starts from: the global one, (N, ...)."""
+        return {k: t.expand(len(idx), *t.shape[1:]).clone() for k, t in self.params.items()}
+
+    def aggregate(self, idx: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Upload the whole model; the server averages it by data size.  The new global model, (N, ...)."""
+        self.params = weighted_mean(self.data.weights(idx), params)
+        return {k: t.expand(len(idx), *t.shape[1:]) for k, t in self.params.items()}
+
+    def global_state(self) -> State:
+        """The server's CNN."""
+        return {k: t[0] for k, t in self.params.items()}
+
+    def client_state(self, cid: int) -> State:
+        """Nothing: clients keep nothing between rounds."""
+        return {}
+
+    def load_states(self, global_state: State, client_states: list[State]) -> None:
+        self.params = {k: t.clone() for k, t in self.stored(global_state, client_states).items()}
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
         cfg, n = self.cfg, len(sampled)
         idx = torch.tensor(sampled, device=self.data.train_y.device)
-        if self.method != "local":  # every client receives the global model
-            params = {k: t.expand(n, *t.shape[1:]).clone() for k, t in self.params.items()}
-        else:
-            params = {k: t[idx].clone() for k, t in self.params.items()}
+        params = self.received(idx)
         sgd = StackedSGD(list(params.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
         poisson = range(cfg.local_epochs) if self.privacy is not None and cfg.poisson else ()
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs),
@@ -75,41 +93,42 @@ class CNNLockstep:
             for step, batch in enumerate(schedule.batches(epoch)):
                 if self.privacy is not None:
                     with torch.no_grad():
-                        losses = client_losses(self.logits(batch.x, params), batch)
-                    grads = private_step_grads(self.template, params, batch, cfg, self.privacy, sampled,
-                                               round_idx, epoch, step)
+                        losses = client_losses(cnn_logits(batch.x, params, self.spec), batch)
+                    grads = private_step_grads(self.template, params, batch.x, batch.y, batch.valid, cfg,
+                                               self.privacy, sampled, round_idx, epoch, step)
                     sgd.step(grads, batch.active)
                 else:
                     leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
-                    losses = client_losses(self.logits(batch.x, leaves), batch)
+                    losses = client_losses(cnn_logits(batch.x, leaves, self.spec), batch)
                     sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
                 loss_sum += losses.detach() * batch.nonempty
                 loss_count += batch.nonempty
         train_loss = loss_sum / loss_count.clamp(min=1)  # (0 if every batch of the epoch was empty)
-        local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, params))
-        if self.method != "local":  # upload the whole model; the server averages by data size
-            self.params = weighted_mean(self.data.weights(idx), params)
-            global_params = {k: t.expand(n, *t.shape[1:]) for k, t in self.params.items()}
-            global_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, global_params))
-        else:
-            for k, t in params.items():
-                self.params[k][idx] = t
-            global_acc = local_acc
+        local_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, params, self.spec))
+        global_params = self.aggregate(idx, params)
+        global_acc = local_acc if global_params is None else \
+            batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, global_params, self.spec))
         epsilons = self.privacy.record_round(sampled) if self.privacy is not None else None
         return client_results(sampled, train_loss, local_acc, global_acc, epsilons=epsilons)
 
+
+class LocalLockstep(CNNLockstep):
+    """``local``: every client trains its own CNN, all sampled ones at once; nothing is uploaded."""
+
+    def stored(self, shared: State, privates: list[State]) -> dict[str, torch.Tensor]:
+        """Every client's CNN (Nc, ...)."""
+        return {k: torch.stack([p[k] for p in privates]) for k in privates[0]}
+
+    def received(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: t[idx].clone() for k, t in self.params.items()}  # its own CNN: there is no global one
+
+    def aggregate(self, idx: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
+        for k, t in params.items():  # nothing leaves a client: each keeps its CNN
+            self.params[k][idx] = t
+
     def global_state(self) -> State:
-        """The server's CNN (empty for ``local``: there is none)."""
-        return {} if self.method == "local" else {k: t[0] for k, t in self.params.items()}
+        return {}
 
     def client_state(self, cid: int) -> State:
-        """Client ``cid``'s private CNN (``local``; the others keep nothing between rounds)."""
-        return {k: t[cid] for k, t in self.params.items()} if self.method == "local" else {}
-
-    def state_dict(self) -> dict:
-        return {"params": self.params, **({"privacy": self.privacy.state_dict()} if self.privacy else {})}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.params = {k: t.clone() for k, t in state["params"].items()}
-        if self.privacy is not None:
-            self.privacy.load_state_dict(state["privacy"])
+        """Client ``cid``'s private CNN."""
+        return {k: t[cid] for k, t in self.params.items()}

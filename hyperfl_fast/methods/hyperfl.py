@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..batched import Batch, RoundSchedule, StackedData, batched_accuracy, classify, client_results
 from ..config import Config
 from ..federation import ClientData, ClientResult, accuracy
-from ..graphs import StepGraph
-from ..lockstep_hypernet import LockstepHypernetwork
+from ..engines import Engine
+from ..lockstep.data import Batch, RoundSchedule, StackedData
+from ..lockstep.evaluation import batched_accuracy, classify, client_results
+from ..lockstep.graphs import StepGraph
+from ..lockstep.hypernet import LockstepHypernetwork
 from ..models import (CNNSpec, GeneratedCNN, HyperNetwork, extract_features_batched, init_hyperfl, split_theta)
-from .base import ClientUpdate, Method, State, detached, load_module, sgd
+from .base import ATTACK, CUDA_GRAPHS, ClientUpdate, Method, State, detached, load_module, register, sgd
 
 PRIVATE_KEYS = ("embedding", "classifier.weight", "classifier.bias")  # never leave the client
 
@@ -90,25 +92,6 @@ def client_model(spec: CNNSpec, psi: State, private: State, copy: bool = True) -
                         classifier)
 
 
-class HyperFL(Method):
-    name = "hyperfl"
-
-    def init_states(self, spec, num_clients, cfg, device):
-        hypernet, embeddings, classifiers = init_hyperfl(spec, num_clients, cfg.embed_dim, cfg.hidden_dim, device,
-                                                         shared=cfg.client_init == "shared")
-        return detached(hypernet), [{"embedding": v.detach().clone(), **detached(c, "classifier.")}
-                                    for v, c in zip(embeddings, classifiers)]
-
-    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
-        model = client_model(spec, global_state, private)  # 1. receive the global psi
-        loss = train_hyperfl_client(model, data, cfg, round_idx)  # 2., 3.
-        private = {"embedding": model.embedding.detach().clone(), **detached(model.classifier, "classifier.")}
-        return ClientUpdate(model.upload(), private, loss, accuracy(model, data.test_x, data.test_y))  # 4.
-
-    def predict(self, spec, global_state, private):
-        return client_model(spec, global_state, private, copy=False)
-
-
 class RoundBuffers:
     """The lockstep round's tensors for N sampled clients, allocated once and refilled in place every round, so
     the steps' CUDA graphs (``--cuda-graphs``) are recorded once per process and replayed in every round."""
@@ -131,16 +114,14 @@ class RoundBuffers:
         self.hypernet_step: Callable[[Batch], None] | None = None
 
 
-class HyperFLLockstep:
+class HyperFLLockstep(Engine):
     """HyperFL with all sampled clients trained in lockstep: the same results as :meth:`HyperFL.client_update`
     client by client, each step a handful of fused ops (:class:`LockstepHypernetwork`)."""
 
-    method = "hyperfl"
-    progress_unit = "epoch"
-
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config,
                  device: torch.device):
-        self.spec, self.cfg, self.data = spec, cfg, StackedData(clients)
+        super().__init__(method, spec, clients, cfg)
+        self.data = StackedData(clients)
         psi, privates = method.init_states(spec, len(clients), cfg, device)
         self.hypernet = hypernet_from(psi)  # the global hypernetwork psi
         # private client state, never uploaded: (Nc, E), (Nc, K, D), (Nc, K)
@@ -242,14 +223,36 @@ class HyperFLLockstep:
         return {"embedding": self.client_embeddings[cid], "classifier.weight": self.classifier_weight[cid],
                 "classifier.bias": self.classifier_bias[cid]}
 
-    def state_dict(self) -> dict:
-        return {"hypernet": self.hypernet.state_dict(), "client_embeddings": self.client_embeddings,
-                "classifier_weight": self.classifier_weight, "classifier_bias": self.classifier_bias}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.hypernet.load_state_dict(state["hypernet"])
-        for name in ("client_embeddings", "classifier_weight", "classifier_bias"):
-            getattr(self, name).copy_(state[name])
+    def load_states(self, global_state: State, client_states: list[State]) -> None:
+        self.hypernet.load_state_dict(global_state)
+        for name, key in zip(("client_embeddings", "classifier_weight", "classifier_bias"), PRIVATE_KEYS):
+            getattr(self, name).copy_(torch.stack([c[key] for c in client_states]))
 
 
-HyperFL.lockstep = HyperFLLockstep
+@register
+class HyperFL(Method):
+    name = "hyperfl"
+    paper_row = 6
+    headline = "local_acc"
+    uploads = "the hypernetwork"
+    keeps = "its embedding and classifier"
+    supports = frozenset({CUDA_GRAPHS, ATTACK})
+    threat = "hypernetwork"
+    step_flags = ("lr", "classifier_lr", "grad_clip")
+    paper = {"fmnist": 88.28}
+    lockstep = HyperFLLockstep
+
+    def init_states(self, spec, num_clients, cfg, device):
+        hypernet, embeddings, classifiers = init_hyperfl(spec, num_clients, cfg.embed_dim, cfg.hidden_dim, device,
+                                                         shared=cfg.client_init == "shared")
+        return detached(hypernet), [{"embedding": v.detach().clone(), **detached(c, "classifier.")}
+                                    for v, c in zip(embeddings, classifiers)]
+
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+        model = client_model(spec, global_state, private)  # 1. receive the global psi
+        loss = train_hyperfl_client(model, data, cfg, round_idx)  # 2., 3.
+        private = {"embedding": model.embedding.detach().clone(), **detached(model.classifier, "classifier.")}
+        return ClientUpdate(model.upload(), private, loss, accuracy(model, data.test_x, data.test_y))  # 4.
+
+    def predict(self, spec, global_state, private):
+        return client_model(spec, global_state, private, copy=False)

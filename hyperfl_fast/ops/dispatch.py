@@ -135,7 +135,9 @@ class Dispatcher:
         self.cache_dir: Path | None = None
         self.choices: dict[str, Choice] = {}
         self.calls: dict[str, Counter] = {}
-        self._loaded_for: str | None = None
+        self._loaded_for: tuple[Path, str] | None = None  # (cache file, device description) of self.choices
+        self._cache_files: dict[torch.device, tuple[Path, str]] = {}
+        self._fast: dict[tuple, str] = {}  # fast_key -> path, for the choices this process has used
         self._parsed_env: dict[str, dict[str, str]] = {}
         # the devices the static table and the measurements are for (tests widen it to the CPU)
         self.accelerated: Callable[[torch.device], bool] = lambda device: device.type == "cuda"
@@ -175,7 +177,8 @@ class Dispatcher:
         self.current_overrides()
 
     # ------------------------------------------------------------------ resolution
-    def resolve(self, op: Op, path: str | None, args: tuple, static_key: str | None = None) -> str:
+    def resolve(self, op: Op, path: str | None, args: tuple, static_key: str | None = None,
+                check: Callable[[str], None] | None = None) -> str:
         device = _device_of(args)
         overrides = self.current_overrides() if path is None else {}
         chosen = path or overrides.get(op.name) or overrides.get("*")
@@ -185,7 +188,7 @@ class Dispatcher:
             elif self.current_mode() == "static":
                 chosen = STATIC_CUDA.get(static_key or op.name, "torch")
             else:
-                chosen = self.measured(op, args, static_key)
+                chosen = self.measured(op, args, static_key, check)
         if chosen not in PATHS:
             source = "path" if path else ENV_VAR
             raise ValueError(f"{source} must be one of {', '.join(PATHS)}, got {chosen!r}")
@@ -196,7 +199,7 @@ class Dispatcher:
     def call(self, op: Op, path: str | None, args: tuple, static_key: str | None = None,
              check: Callable[[str], None] | None = None):
         """Run ``op`` on ``args`` on its resolved path (``check(path)`` first: the path's own input limits)."""
-        chosen = self.resolve(op, path, args, static_key)
+        chosen = self.resolve(op, path, args, static_key, check)
         if chosen == "triton" and triton_dtype_error(op, args):
             raise ValueError(triton_dtype_error(op, args))
         if check is not None:
@@ -204,24 +207,35 @@ class Dispatcher:
         self.calls.setdefault(op.name, Counter())[chosen] += 1
         return op.implementation(chosen)(*args)
 
-    def measured(self, op: Op, args: tuple, static_key: str | None) -> str:
+    def measured(self, op: Op, args: tuple, static_key: str | None,
+                 check: Callable[[str], None] | None = None) -> str:
+        """The measured choice for this call (measuring it on a miss).  A hit costs a tuple lookup: the key string,
+        the device's cache file and the disk are touched only on a miss."""
         if op.measure_as is not None:
             args = op.measure_as(args)
+        fast = fast_key(op, args)
+        if fast in self._fast:
+            return self._fast[fast]
+        device = _device_of(args)
+        self._load(device)
         key = call_key(op, args)
-        self._load(_device_of(args))
         if key not in self.choices:
+            fallback = STATIC_CUDA.get(static_key or op.name, "torch")
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                return STATIC_CUDA.get(static_key or op.name, "torch")
-            self.choices[key] = measure(op, args, self.timer, STATIC_CUDA.get(static_key or op.name, "torch"))
+                return fallback  # never time anything inside a graph capture
+            self.choices[key] = measure(op, args, self.timer, fallback, check)
             self._save()
-        return self.choices[key].path
+        self._fast[fast] = self.choices[key].path
+        return self._fast[fast]
 
     # ------------------------------------------------------------------ the disk cache
     def _load(self, device: torch.device) -> None:
-        path = cache_path(device, self.cache_dir)
-        if self._loaded_for == str(path):
+        if device not in self._cache_files:
+            self._cache_files[device] = (cache_path(device, self.cache_dir), device_description(device))
+        path, description = self._cache_files[device]
+        if self._loaded_for == (path, description):
             return
-        self._loaded_for, self.choices = str(path), {}
+        self._loaded_for, self.choices, self._fast = (path, description), {}, {}
         try:
             saved = json.loads(path.read_text())
             self.choices = {k: Choice(**v) for k, v in saved["choices"].items()}
@@ -233,12 +247,16 @@ class Dispatcher:
     def _save(self) -> None:
         if self._loaded_for is None:
             return
-        path = Path(self._loaded_for)
+        path, description = self._loaded_for
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"device": device_description(),
-                                       "choices": {k: vars(c) for k, c in self.choices.items()}}, indent=1))
+            try:  # another process may have measured other calls meanwhile: keep its choices too
+                on_disk = json.loads(path.read_text())["choices"]
+            except (OSError, ValueError, KeyError, TypeError):
+                on_disk = {}
+            choices = {**on_disk, **{k: vars(c) for k, c in self.choices.items()}}
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"device": description, "choices": choices}, indent=1))
             tmp.replace(path)
         except OSError as exc:  # a read-only home: the choices still hold for this process
             warnings.warn(f"could not write the dispatch cache {path} ({exc})", RuntimeWarning)
@@ -302,6 +320,13 @@ def triton_dtype_error(op: Op, args: tuple) -> str | None:
 
 def _device_of(args: tuple) -> torch.device:
     return next(a.device for a in args if isinstance(a, torch.Tensor))
+
+
+def fast_key(op: Op, args: tuple) -> tuple:
+    """:func:`call_key`'s content as a tuple, cheap to build on every call (the device is in it too)."""
+    return (op.name, _precision.get_precision(), *(
+        (a.shape, a.dtype, a.requires_grad, a.device) if isinstance(a, torch.Tensor) else
+        a if isinstance(a, (bool, int, str)) or a is None else None for a in args))
 
 
 def call_key(op: Op, args: tuple) -> str:
@@ -404,8 +429,10 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return worst
 
 
-def measure(op: Op, args: tuple, timer: Timer, fallback: str) -> Choice:
-    """Time the torch and Triton paths on ``args``, keep the fastest whose results match the reference's."""
+def measure(op: Op, args: tuple, timer: Timer, fallback: str, check: Callable[[str], None] | None = None) -> Choice:
+    """Time the torch and Triton paths on ``args``, keep the fastest whose results match the reference's.  A path
+    ``check`` refuses for these inputs, or that fails, is no candidate; if neither is left, the ``fallback``
+    (the static table's entry) unless it was refused too, then torch, then the reference."""
     _, want = _candidate(op, "reference", args)
     tolerance = TOLERANCE[_precision.get_precision()]
     choice = Choice(fallback)
@@ -414,6 +441,8 @@ def measure(op: Op, args: tuple, timer: Timer, fallback: str) -> Choice:
             choice.rejected[path] = "float32 only"
             continue
         try:
+            if check is not None:
+                check(path)
             call, got = _candidate(op, path, args)
             error = relative_error(got, want)
             if error > tolerance:
@@ -424,6 +453,8 @@ def measure(op: Op, args: tuple, timer: Timer, fallback: str) -> Choice:
             choice.rejected[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     if choice.seconds:
         choice.path = min(choice.seconds, key=choice.seconds.get)
+    else:
+        choice.path = next(p for p in (fallback, "torch", "reference") if p not in choice.rejected)
     return choice
 
 

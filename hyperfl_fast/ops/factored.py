@@ -3,7 +3,7 @@
 W_n = alpha_n W0 + sum_{s < span} beta_{n,s} u_{n,s} v_{n,s}ᵀ with W0 (P, H) shared, u (N, S, P), v (N, S, H),
 alpha (N,), beta (N, S); only the first ``span`` of the S slots are read.  This is how the lockstep engine holds
 every client's hypernetwork heads during a round (SGD keeps them in that span exactly; see
-:mod:`hyperfl_fast.batched`), so generation never materialises N copies of a 59 MB matrix.
+:mod:`hyperfl_fast.lockstep.hypernet`), so generation never materialises N copies of a 59 MB matrix.
 
 - ``factored_generate``: the hypernetwork's forward, h_n = ReLU(fc_w_n e_n + fc_b_n) (N, H) and
   theta_n = W_n h_n + bias_n (N, P).

@@ -21,6 +21,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..config import Config
+from ..dp import private_gradient
+
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,30 +33,27 @@ class LocalTraining:
     """How the attacked client trains before uploading."""
 
     steps: int = 1  # 1: the upload is the gradient; > 1: the upload is the parameter change
-    lr: float = 0.02
-    momentum: float = 0.5
-    weight_decay: float = 5e-4
+    lr: float = Config.lr  # the paper's settings (hyperfl_fast.config)
+    momentum: float = Config.momentum
+    weight_decay: float = Config.weight_decay
     clip: float | None = None  # max grad norm per group (HyperFL: 50), None = no clipping
     groups: list[list[str]] = field(default_factory=list)  # clipping groups (names of trainable tensors)
     dp_clip: float | None = None  # DP-SGD: each sample's gradient clipped to this norm (None: no DP)
     dp_sigma: float = 0.0  # DP-SGD: noise multiplier; the clipped sum gets N(0, (dp_sigma dp_clip)^2)
 
 
-def private_gradient(loss_fn: LossFn, params: Params, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
-                     create_graph: bool, noise: torch.Generator | None) -> Params:
-    """DP-SGD's gradient as the DP baselines compute it: per-sample gradients clipped to ``dp_clip``, summed,
-    plus Gaussian noise (drawn from ``noise``; an attacker simulating the upload has none), over the batch."""
+def dp_upload_gradient(loss_fn: LossFn, params: Params, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
+                       create_graph: bool, noise: torch.Generator | None) -> Params:
+    """DP-SGD's gradient as the DP baselines compute it (:func:`hyperfl_fast.dp.private_gradient`, the one
+    clip-and-noise): per-sample gradients clipped to ``dp_clip``, summed, plus Gaussian noise (drawn from
+    ``noise``; an attacker simulating the upload has none), over the batch; differentiable with
+    ``create_graph``."""
     names = list(params)
-    total = {k: torch.zeros_like(params[k]) for k in names}
-    for xi, yi in zip(x, y):
-        grads = torch.autograd.grad(loss_fn(params, xi[None], yi[None]), [params[k] for k in names],
-                                    create_graph=create_graph)
-        scale = (training.dp_clip / (torch.sqrt(sum(g.pow(2).sum() for g in grads)) + 1e-6)).clamp(max=1.0)
-        total = {k: total[k] + g * scale for k, g in zip(names, grads)}
-    if noise is not None:
-        std = training.dp_sigma * training.dp_clip
-        total = {k: t + std * torch.randn(t.shape, generator=noise).to(t) for k, t in total.items()}
-    return {k: t / len(y) for k, t in total.items()}
+    per_sample = [torch.autograd.grad(loss_fn(params, xi[None], yi[None]), [params[k] for k in names],
+                                      create_graph=create_graph) for xi, yi in zip(x, y)]
+    per_example = {k: torch.stack([g[i] for g in per_sample]) for i, k in enumerate(names)}
+    return private_gradient(per_example, torch.ones(len(y), dtype=torch.bool, device=x.device), training.dp_clip,
+                            training.dp_sigma, None if noise is None else [noise])
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def local_update(loss_fn: LossFn, trainable: Params, frozen: Params, x: torch.Te
 
     ``create_graph`` keeps it differentiable w.r.t. x, y and every input
     tensor, which is how an attacker simulates it.  With ``training.dp_clip``
-    every step is a DP-SGD step (:func:`private_gradient`; noise from ``noise``).
+    every step is a DP-SGD step (:func:`dp_upload_gradient`; noise from ``noise``).
     """
     # leaves to differentiate against (the values are the caller's tensors)
     params = {k: t if t.requires_grad else t.detach().requires_grad_() for k, t in trainable.items()}
@@ -75,8 +75,8 @@ def local_update(loss_fn: LossFn, trainable: Params, frozen: Params, x: torch.Te
     bufs = {k: torch.zeros_like(t) for k, t in params.items()}
     for _ in range(training.steps):
         if training.dp_clip is not None:
-            grads = private_gradient(lambda p, xi, yi: loss_fn({**frozen, **p}, xi, yi), params, x, y, training,
-                                     create_graph or training.steps > 1, noise)
+            grads = dp_upload_gradient(lambda p, xi, yi: loss_fn({**frozen, **p}, xi, yi), params, x, y, training,
+                                       create_graph or training.steps > 1, noise)
         else:
             loss = loss_fn({**frozen, **params}, x, y)
             grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names],

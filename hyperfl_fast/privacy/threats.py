@@ -81,17 +81,22 @@ def fedavg_scenario(model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training
 
 # --------------------------------------------------------------------------- DP baselines
 
-DP_UPLOADS = {"dp-fedavg": "the whole CNN", "ppsgd": "the representation", "centaur": "the representation"}
+DP_THREATS = ("dp-full-model", "dp-representation")  # the threat models (Method.threat) of DP-SGD uploads
 
 
 def dp_scenario(method: str, model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
                 seed: int = 0) -> Scenario:
-    """A DP-SGD client's noised upload (``training.dp_clip``, ``training.dp_sigma``): the whole CNN
-    (``dp-fedavg``) or the representation with the classifier private (``ppsgd``, ``centaur``)."""
-    if method not in DP_UPLOADS:
-        raise ValueError(f"unknown DP method {method!r}; choose one of {', '.join(DP_UPLOADS)}")
+    """A DP-SGD client's noised upload (``training.dp_clip``, ``training.dp_sigma``) as ``method`` declares it
+    (:attr:`~hyperfl_fast.methods.Method.threat`): the whole CNN (``dp-full-model``: DP-FedAvg) or the
+    representation with the classifier private (``dp-representation``: PPSGD, CENTAUR)."""
+    from ..methods import METHODS
+
+    threat = METHODS[method].threat if method in METHODS else None
+    if threat not in DP_THREATS:
+        names = [name for name, m in METHODS.items() if m.threat in DP_THREATS]
+        raise ValueError(f"unknown DP method {method!r}; choose one of {', '.join(names)}")
     params = {k: t.detach() for k, t in model.named_parameters()}
-    classifier = {k: params.pop(k) for k in ("fc2.weight", "fc2.bias")} if method != "dp-fedavg" else {}
+    classifier = {k: params.pop(k) for k in ("fc2.weight", "fc2.bias")} if threat == "dp-representation" else {}
     names = list(params)  # what is uploaded
 
     def loss_fn(p: Params, images, targets):

@@ -1,40 +1,14 @@
-"""The client dimension: building blocks of the lockstep engine, which trains every sampled client at once.
-
-Each method's lockstep class (``lockstep`` in :mod:`hyperfl_fast.methods`) is built from these.
-
-Every tensor carries a client dimension N (embeddings (N, E), classifiers
-(N, K, D), batches (N, B, C, H, W), ...), and each local step is a handful of
-batched ops (:mod:`hyperfl_fast.ops`: Triton on CUDA, vectorised PyTorch on
-the CPU) for all clients at once.  Per-client optimizer semantics (each
-client's own clip coefficient, momentum and weight decay) are kept exactly, so
-this engine computes what :mod:`hyperfl_fast.reference` computes, up to float
-rounding (``tests/test_engine_equivalence.py`` checks it).
-
-Schedules.  Each client draws its epoch exactly as the reference does (same
-generator, same shuffle, same augmentation draws, see
-:mod:`hyperfl_fast.federation`).  Clients with fewer batches than others are
-**masked**: a step where a client has no batch leaves all its state unchanged,
-and a partial last batch averages the loss over its valid rows only.
-
-The HyperFL hypernetwork phase keeps every client's heads in factored form: see
-:mod:`hyperfl_fast.lockstep_hypernet`.
-"""
+"""Every client's data stacked on the device, and a round's schedule: each step a batch for every client at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
-from .config import Config
-from .dp import ClientPrivacy, expected_batch_size, noise_generator, per_example_grads, private_gradient
-from .data import apply_crop_flip, draw_crop_flip
-from .federation import ClientData, ClientResult, make_generator, poisson_masks
-from .ops.sgd import masked_sgd_
+from ..data import apply_crop_flip, draw_crop_flip
+from ..federation import ClientData, make_generator, poisson_masks
 
-
-# --------------------------------------------------------------------------- data and schedules
 
 class StackedData:
     """All clients' data stacked on the device, padded to the largest client: (Nc, n_max, C, H, W)."""
@@ -169,64 +143,3 @@ class RoundSchedule:
         for step in range(self.num_steps):
             cols = slice(step * width, (step + 1) * width)
             yield Batch(x[:, cols], y[:, cols], valid[:, cols], self.active[step])
-
-
-def client_results(cids: list[int], *per_client: torch.Tensor, epsilons: list[float] | None = None
-                   ) -> list[ClientResult]:
-    """ClientResults from (N,) tensors (train loss, local and global accuracy), read to the host in one copy."""
-    rows = torch.stack(per_client, 1).tolist()
-    return [ClientResult(c, *row, epsilon=None if epsilons is None else e)
-            for c, row, e in zip(cids, rows, epsilons or [None] * len(cids))]
-
-
-def client_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Each client's mean cross-entropy over its valid rows: (N, B, K) -> (N,)."""
-    ce = F.cross_entropy(logits.flatten(0, 1), batch.y.flatten(), reduction="none").view(batch.y.shape)
-    return (ce * batch.valid).sum(1) / batch.valid.sum(1).clamp(min=1)
-
-
-def classify(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Per-client classifier heads: (N, B, D) x (N, K, D) + (N, K) -> logits (N, B, K)."""
-    return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
-
-
-@torch.no_grad()
-def batched_accuracy(data: StackedData, cids: list[int], logits_fn: Callable[[torch.Tensor], torch.Tensor],
-                     chunk: int = 200) -> torch.Tensor:
-    """Each client's test accuracy (%) with ``logits_fn`` ((N, b, C, H, W) -> (N, b, K)): (N,)."""
-    idx = torch.tensor(cids, device=data.test_y.device)
-    test_x, test_y, num_test = data.test_x[idx], data.test_y[idx], data.num_test[idx]
-    correct = torch.zeros(len(cids), device=test_y.device)
-    for start in range(0, test_y.shape[1], chunk):
-        pred = logits_fn(test_x[:, start:start + chunk]).argmax(-1)
-        rows = torch.arange(start, start + pred.shape[1], device=test_y.device)
-        correct += ((pred == test_y[:, start:start + chunk]) & (rows < num_test[:, None])).sum(1)
-    return 100.0 * correct / num_test
-
-
-# --------------------------------------------------------------------------- optimizers
-
-class StackedSGD:
-    """``torch.optim.SGD`` (momentum, weight decay) on stacked per-client tensors (N, ...): the arithmetic of
-    :func:`hyperfl_fast.ops.sgd.masked_sgd_` (inactive clients keep their parameters and buffers)."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, weight_decay: float):
-        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
-        self.bufs = [torch.zeros_like(p) for p in params]
-
-    def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> None:
-        masked_sgd_(self.params, grads, self.bufs, active, self.lr, self.momentum, self.weight_decay)
-
-
-def private_step_grads(template: torch.nn.Module, trainable: dict[str, torch.Tensor], batch: Batch, cfg: Config,
-                       privacy: ClientPrivacy, cids: list[int], round_idx: int, epoch: int, step: int,
-                       frozen: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """One DP-SGD step's gradients of ``trainable`` (N, *shape) for all clients: every sample's gradient at once,
-    clipped and noised with each client's sigma and the reference's keyed noise (see :mod:`hyperfl_fast.dp`)."""
-    per_example = per_example_grads(template, trainable, F.cross_entropy, batch.x, batch.y, clients=True,
-                                    frozen=frozen)  # (N, B, *shape)
-    noise = [noise_generator(cfg.seed, round_idx, c, epoch, step) for c in cids]
-    expected = [expected_batch_size(cfg, privacy.sizes[c]) for c in cids] if cfg.poisson else None
-    grads = private_gradient(per_example, batch.valid, cfg.dp_clip, [privacy.sigmas[c] for c in cids], noise,
-                             expected)
-    return list(grads.values())

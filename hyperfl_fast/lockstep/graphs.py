@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .batched import Batch
+from .data import Batch
 
 try:
     from triton.runtime.errors import TritonError  # OutOfResources, PTXASError, CompilationError

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from .. import ops
 
 State = dict[str, torch.Tensor]
 
