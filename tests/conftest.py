@@ -66,3 +66,42 @@ def lpips_weight_files(tmp_path):
     channels = (64, 192, 384, 256, 256)  # AlexNet's five ReLU taps
     torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(channels)}, linear_path)
     return alexnet_path, linear_path
+
+
+# --------------------------------------------------------------------------- the kernel report, started early
+# Compiling every kernel configuration for two GPU architectures takes minutes of CPU; started in the background
+# as soon as the session knows it will be needed (on one core), it overlaps the tests that mostly wait (the
+# Flower deployments), and tests/test_kernel_report.py collects its result.
+_KERNEL_REPORT = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any("test_kernel_report.py::test_every_kernel" in item.nodeid for item in items):
+        import subprocess
+        import sys
+        import tempfile
+
+        out = tempfile.NamedTemporaryFile(prefix="kernel-report-", suffix=".json", delete=False)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles, not interprets
+        _KERNEL_REPORT["process"] = subprocess.Popen(
+            [sys.executable, "-m", "hyperfl_fast.kernels.report", "--json", "--workers", "1"], stdout=out,
+            stderr=subprocess.PIPE, text=True, env=env)
+        _KERNEL_REPORT["path"] = out.name
+
+
+def kernel_report_rows(timeout: float = 1500) -> tuple[int, list, str]:
+    """(exit status, rows, stderr) of the report started at collection."""
+    import json
+
+    proc = _KERNEL_REPORT["process"]
+    _, stderr = proc.communicate(timeout=timeout)
+    with open(_KERNEL_REPORT["path"]) as f:
+        text = f.read()
+    return proc.returncode, json.loads(text) if text.strip() else [], stderr
+
+
+def pytest_sessionfinish(session, exitstatus):
+    proc = _KERNEL_REPORT.get("process")
+    if proc is not None and proc.poll() is None:  # the report test did not run to the end (deselected, -x, ^C)
+        proc.kill()
+        proc.wait()

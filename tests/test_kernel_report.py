@@ -1,17 +1,17 @@
 """Every kernel x autotune configuration x precision, compiled for sm_90 and sm_80 at the workload's real shapes
 (no GPU needed): each compiles, spills nothing, and fits the architecture's shared memory per block.
 
-This is ``python -m hyperfl_fast.kernels.report`` (a few minutes on two cores), run in a subprocess: the test
-session interprets the kernels (TRITON_INTERPRET=1), and interpreted kernels cannot be compiled.
+This is ``python -m hyperfl_fast.kernels.report`` (a few minutes of CPU), run in a subprocess started when the
+session is collected (conftest.py), so it overlaps the other tests: the test session interprets the kernels
+(TRITON_INTERPRET=1), and interpreted kernels cannot be compiled.
 """
 import json
-import os
-import subprocess
-import sys
 
 from hyperfl_fast.config import Config
 from hyperfl_fast.kernels import report, workloads
 from hyperfl_fast.models import cnn_spec
+
+from conftest import kernel_report_rows
 
 
 def test_the_workload_shapes_are_the_papers_models():
@@ -27,12 +27,9 @@ def test_the_workload_shapes_are_the_papers_models():
 
 
 def test_every_kernel_configuration_compiles_without_spills_for_sm90_and_sm80():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "hyperfl_fast.kernels.report", "--json"], capture_output=True,
-                         text=True, env=env, timeout=1500)
-    rows = json.loads(out.stdout)
+    returncode, rows, stderr = kernel_report_rows()  # started at collection (conftest.py), on one core
     failing = [r for r in rows if not r["ok"]]
-    assert out.returncode == 0 and not failing, json.dumps(failing, indent=1)[:4000] + out.stderr[-2000:]
+    assert returncode == 0 and rows and not failing, json.dumps(failing, indent=1)[:4000] + stderr[-2000:]
     assert {r["arch"] for r in rows} == {80, 90}
     assert {r["config"].rsplit(",", 1)[-1] for r in rows if r["kernel"].startswith("_conv")} == {"ieee", "tf32"}
     tf32_convs = [r for r in rows if r["kernel"].startswith("_conv") and r["config"].endswith("tf32")]
