@@ -15,6 +15,7 @@ ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
 PRECISIONS = ("fp32", "tf32")  # as hyperfl_fast.ops.precision
 DISPATCH_MODES = ("measured", "static")  # as hyperfl_fast.ops.dispatch
+DP_NOISE = ("secure", "keyed")  # as hyperfl_fast.dp
 MAX_LR = 10.0  # a larger learning rate is refused as a likely typo (the paper's are 0.02 and 0.1)
 DEFAULT_ROUNDS = 20  # fits `make train` (batched engine) on a 2-core CPU; the paper trains 200 rounds
 
@@ -66,6 +67,10 @@ class Config:
     # noisy sum is divided by the expected batch size), under which the accountant's epsilon holds; False:
     # shuffled batches, as the authors' code (the reported epsilon is then nominal)
     poisson: bool = False
+    # DP methods: "secure" noise (a generator per client seeded from the OS at the start of the run: nothing the
+    # run writes or sends determines it) or "keyed" (keyed by the seed: reproducible across engines for checks
+    # and simulation, never private: anyone who knows the seed removes it)
+    dp_noise: str = "secure"
     embed_dim: int = 64
     hidden_dim: int = 128
     # "shared": every client starts from one embedding/classifier (or, for local, one CNN) draw, as the
@@ -116,6 +121,8 @@ class Config:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.dp_noise not in DP_NOISE:
+            raise ConfigError(f"--dp-noise must be one of {', '.join(DP_NOISE)}, got {self.dp_noise!r}")
         if self.dispatch not in DISPATCH_MODES:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
         if self.ops_path is not None:

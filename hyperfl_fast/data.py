@@ -98,7 +98,8 @@ def load_fmnist(data_dir: Path | None) -> ImageDataset:
             f"{FMNIST_DIR}) or place train/t10k-*-idx*-ubyte.gz there.")
     train = _idx_pair(folder, "", "train", "fmnist", hint)
     test = _idx_pair(folder, "", "t10k", "fmnist", hint)
-    return ImageDataset("fmnist", *train, *test, 10, (0.1307,), (0.3081,), TEN_CLASS_GROUPS, False, 600, 600)
+    return ImageDataset("fmnist", *train, *test, 10, (0.1307,), (0.3081,), TEN_CLASS_GROUPS, False,
+                        *DATASET_SIZES["fmnist"])
 
 
 def load_emnist(data_dir: Path | None) -> ImageDataset:
@@ -108,7 +109,8 @@ def load_emnist(data_dir: Path | None) -> ImageDataset:
             "-ubyte, optionally .gz), as torchvision.datasets.EMNIST(root=<data-dir>, split='byclass') leaves them.")
     train = _idx_pair(folder, "emnist-byclass-", "train", "emnist", hint)
     test = _idx_pair(folder, "emnist-byclass-", "test", "emnist", hint)
-    return ImageDataset("emnist", *train, *test, 62, (0.1307,), (0.3081,), EMNIST_GROUPS, False, 1000, 600)
+    return ImageDataset("emnist", *train, *test, 62, (0.1307,), (0.3081,), EMNIST_GROUPS, False,
+                        *DATASET_SIZES["emnist"])
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +136,8 @@ def load_cifar10(data_dir: Path | None) -> ImageDataset:
     train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     return ImageDataset("cifar10", train_x, train_y, torch.from_numpy(test_x), torch.from_numpy(test_y), 10,
-                        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), TEN_CLASS_GROUPS, True, 600, 300)
+                        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), TEN_CLASS_GROUPS, True,
+                        *DATASET_SIZES["cifar10"])
 
 
 def _image_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +170,7 @@ def load_cinic10(data_dir: Path | None) -> ImageDataset:
     train = _image_folder(folder / "train")
     test = _image_folder(folder / "test")
     return ImageDataset("cinic10", *train, *test, 10, (0.47889522, 0.47227842, 0.43047404),
-                        (0.24205776, 0.23828046, 0.25874835), TEN_CLASS_GROUPS, True, 600, 300)
+                        (0.24205776, 0.23828046, 0.25874835), TEN_CLASS_GROUPS, True, *DATASET_SIZES["cinic10"])
 
 
 def make_synthetic(in_channels: int = 1, train_per_class: int = 300, test_per_class: int = 100,
@@ -191,7 +194,8 @@ def make_synthetic(in_channels: int = 1, train_per_class: int = 300, test_per_cl
 
     name = "synthetic" if in_channels == 1 else "synthetic-rgb"
     return ImageDataset(name, *draw(train_per_class), *draw(test_per_class), num_classes,
-                        (0.5,) * in_channels, (0.25,) * in_channels, TEN_CLASS_GROUPS, in_channels == 3, 100, 50)
+                        (0.5,) * in_channels, (0.25,) * in_channels, TEN_CLASS_GROUPS, in_channels == 3,
+                        *DATASET_SIZES[name])
 
 
 DATASETS = {
@@ -204,6 +208,9 @@ DATASETS = {
 }
 
 
+# (training, test) samples per client by default: known before any data is read (the DP budget check needs them)
+DATASET_SIZES = {"fmnist": (600, 600), "emnist": (1000, 600), "cifar10": (600, 300), "cinic10": (600, 300),
+                 "synthetic": (100, 50), "synthetic-rgb": (100, 50)}
 # (image channels, classes) of each dataset: enough to build its model without reading any data
 DATASET_SHAPES = {"fmnist": (1, 10), "emnist": (1, 62), "cifar10": (3, 10), "cinic10": (3, 10),
                   "synthetic": (1, 10), "synthetic-rgb": (3, 10)}

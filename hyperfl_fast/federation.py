@@ -117,8 +117,8 @@ class ClientResult:
     """What one client's local training in one round produced (figures only, for the log)."""
 
     client: int
-    train_loss: float  # mean loss of the last local epoch
-    local_acc: float  # test accuracy of the locally trained model
+    train_loss: float | None  # mean loss of the last local epoch (None: not reported, e.g. a Flower DP client's)
+    local_acc: float | None  # test accuracy of the locally trained model
     global_acc: float  # test accuracy with the new global model (HyperFL: global hypernetwork)
     epsilon: float | None = None  # DP methods: the privacy spent so far (Opacus' RDP accountant, at --delta)
 

@@ -35,9 +35,9 @@ class ReferenceEngine(Engine):
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
         uploads, weights, local = [], [], []
         for cid in progress(sampled):
-            sigma = self.privacy.sigmas[cid] if self.privacy else None
+            noise = self.privacy.client(cid) if self.privacy else None
             update = self.method.client_update(self.spec, self.shared, self.private[cid], self.clients[cid],
-                                               self.cfg, round_idx, sigma)
+                                               self.cfg, round_idx, noise)
             self.private[cid] = update.private  # stays with the client
             if update.upload:
                 uploads.append(update.upload)

@@ -24,17 +24,21 @@ import torch
 from . import ops
 from .checkpoint import BackgroundWriter, CheckpointError, check_writable, load_checkpoint
 from .config import Config, ConfigError
+from .data import DATASET_SIZES
+from .dp import NOT_PRIVATE_EPSILON, BudgetTooSmall, dp_steps, noise_multiplier, sample_rate
 from .engines import build_engine
 from .federation import build_clients, load_partition, sample_clients
 from .methods import get_method
-from .metrics import round_record, write_metrics
+from .metrics import privacy_claims, round_line, round_record, write_metrics
 from .progress import progress_bar
 
 # settings a run may change when it resumes (every engine saves the same state, so the engine is one of them)
 RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs", "dispatch", "ops_path",
                      "engine"}
 # settings older checkpoints lack, with the behaviour those runs had
-LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False}
+LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False, "dp_noise": "keyed"}
+# settings that only DP methods read (a non-DP run resumes whatever they say)
+DP_ONLY = {"dp_noise"}
 
 
 @dataclass
@@ -67,8 +71,9 @@ class TrainingDiverged(RuntimeError):
 
 def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
     saved = state["config"]
+    may_change = RESUME_MAY_CHANGE if get_method(cfg.method).dp else RESUME_MAY_CHANGE | DP_ONLY
     changed = [k for k in Config.field_names()
-               if k not in RESUME_MAY_CHANGE and saved.get(k, LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
+               if k not in may_change and saved.get(k, LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings ({', '.join(changed)}); "
                           "use the same flags or another --output-dir")
@@ -101,6 +106,33 @@ def _non_finite(record: dict, engine) -> str | None:
     return f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else None
 
 
+def check_privacy_budget(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """DP methods, before any data is read: a budget no noise multiplier can meet is a ConfigError naming the flags;
+    a budget that protects little (epsilon > 100, delta >= 1/n) or keyed noise is a warning."""
+    method = get_method(cfg.method)
+    if not method.dp:
+        return
+    n = cfg.local_size or DATASET_SIZES.get(cfg.dataset, (None,))[0]
+    if n is None:
+        return
+    try:
+        noise_multiplier(cfg.epsilon, cfg.delta, sample_rate(n, cfg.batch_size),
+                         dp_steps(n, cfg.batch_size, cfg.rounds, cfg.local_epochs))
+    except BudgetTooSmall as exc:
+        raise ConfigError(f"--epsilon {cfg.epsilon:g}: {exc}; raise --epsilon or --delta, or lower --rounds or "
+                          "--local-epochs") from None
+    if cfg.epsilon > NOT_PRIVATE_EPSILON:
+        log(f"warning: --epsilon {cfg.epsilon:g} is effectively not private (above {NOT_PRIVATE_EPSILON:g}, "
+            "the guarantee bounds nothing an attacker cares about)")
+    if cfg.delta >= 1 / n:
+        log(f"warning: --delta {cfg.delta:g} is at least 1/n = {1 / n:.2g} (n = {n} samples per client): a "
+            "mechanism that publishes one record outright meets it; use delta well below 1/n")
+    if cfg.dp_noise == "keyed":
+        log("warning: --dp-noise keyed: the noise is reproducible from --seed and can be subtracted from every "
+            "upload; this run is NOT private (a setting for checks and simulation)")
+    log(f"{cfg.method}: epsilon {privacy_claims(cfg)['epsilon_is']}; it covers {method.dp_guarantee}")
+
+
 def completed_rounds(out: Path) -> int:
     """How many rounds the run in ``out`` has saved (0 if none)."""
     try:
@@ -125,6 +157,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         ops.DISPATCH.check_environment()
     except ValueError as exc:  # HYPERFL_OPS_PATH or HYPERFL_DISPATCH is malformed
         raise ConfigError(str(exc)) from None
+    check_privacy_budget(cfg, log)
     device = cfg.torch_device()
     forced = ops.DISPATCH.current_overrides()
     if "triton" in forced.values() and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -190,7 +223,8 @@ def _train(cfg: Config, engine, rounds: list[dict], first_round: int, out: Path,
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients, cfg.frac, cfg.seed, round_idx)
         results = engine.run_round(round_idx, sampled, progress_bar(f"round {round_idx + 1}", engine.progress_unit))
-        record = round_record(cfg, round_idx, results, time.perf_counter() - start)
+        epsilons = engine.privacy.epsilons() if engine.privacy is not None else None  # every client, not only these
+        record = round_record(cfg, round_idx, results, time.perf_counter() - start, epsilons)
         problem = _non_finite(record, engine)
         if problem:
             kept = f"{out} keeps rounds 1-{round_idx}" if round_idx else "no round was saved"
@@ -202,8 +236,6 @@ def _train(cfg: Config, engine, rounds: list[dict], first_round: int, out: Path,
         finished = list(rounds)
         writer.submit(checkpoint, {"config": cfg.to_dict(), "engine": engine.state_dict(), "rounds": finished},
                       then=functools.partial(write_metrics, out, cfg, finished, ops.DISPATCH.stats()))
-        log(f"round {record['round']:>4}/{cfg.rounds} | train loss {record['train_loss']:.4f} | "
-            f"local acc {record['local_acc']:6.2f}% | global acc {record['global_acc']:6.2f}% | "
-            + (f"epsilon {record['epsilon']:.3f} | " if "epsilon" in record else "") + f"{record['seconds']:6.1f} s")
+        log(round_line(cfg, record))
         if round_idx in (first_round, cfg.rounds - 1):  # which path each op took, after the first round and the last
             log(f"ops: {ops.DISPATCH.describe()}")

@@ -37,12 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="hyperfl gradient-norm clip")
     p.add_argument("--epsilon", type=float, default=d.epsilon,
-                   help="DP methods: target epsilon over the whole run (sigma is derived with Opacus)")
+                   help="DP methods: target epsilon over the whole run (each client's sigma is derived with Opacus "
+                        "from the steps it takes). dp-fedavg: a record-level budget; ppsgd, centaur: it covers the "
+                        "representation's DP-SGD steps given the classifier, as the authors report it, not the "
+                        "client's records (the classifier trains on them without noise)")
     p.add_argument("--delta", type=float, default=d.delta, help="DP methods: target delta")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, help="DP methods: per-example gradient norm bound")
     p.add_argument("--poisson", action="store_true",
                    help=f"{', '.join(method_names(POISSON))}: Poisson-sampled DP-SGD batches, under which the reported "
                         "epsilon holds (default: shuffled batches, as the authors' code; epsilon is then nominal)")
+    p.add_argument("--dp-noise", default=d.dp_noise,
+                   help="DP methods: secure (each client's noise from a generator seeded by the OS: private) or keyed "
+                        "(reproducible from --seed, for checks and simulation: NOT private)")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="client embedding size")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hypernetwork hidden size")
     p.add_argument("--client-init", default=d.client_init,

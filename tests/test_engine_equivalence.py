@@ -141,7 +141,8 @@ def test_batched_engine_on_triton_ops_matches_torch_ops(in_channels, monkeypatch
 def test_a_run_continues_on_the_other_engine(method, first, second, float64):
     """Every engine saves the same state: round 1 on one engine, round 2 on the other, equals round 2 on the
     first (to 1e-9 in float64), whichever way round; the state survives the trip exactly."""
-    cfg = Config(dataset="synthetic", method=method, clients=3, local_epochs=1, batch_size=20, device="cpu", seed=1)
+    cfg = Config(dataset="synthetic", method=method, clients=3, local_epochs=1, batch_size=20, device="cpu", seed=1,
+                 dp_noise="keyed")  # (DP: the same noise in both engines)
     clients = federation(1, [40, 33, 40])
     spec = cnn_spec(1, 10)
     build = {"reference": build_reference, "batched": build_batched}

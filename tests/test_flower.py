@@ -233,7 +233,8 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     from hyperfl_fast.flower.server_app import initial_global_state
     from hyperfl_fast.flower.settings import settings_from_run_config
 
-    run_cfg = {k.replace("_", "-"): v for k, v in {**SETTINGS, "method": method, "epsilon": 50.0}.items()}
+    run_cfg = {k.replace("_", "-"): v for k, v in {**SETTINGS, "method": method, "epsilon": 50.0,
+                                                   "dp_noise": "keyed"}.items()}  # (the reference's noise)
     cfg = settings_from_run_config(run_cfg).cfg
     shared = initial_global_state(cfg)
     contexts = [Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": 3},

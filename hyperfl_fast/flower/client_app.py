@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..dp import ClientPrivacy
 from ..federation import build_clients, load_partition
 from ..methods import get_method
-from .settings import settings_from_run_config
+from .settings import refuse_keyed_noise, settings_from_run_config
 
 PRIVATE = "private"  # Context.state: the client's private arrays
 PROGRESS = "progress"  # Context.state: rounds trained so far (for the privacy accountant and the audit)
@@ -84,10 +84,10 @@ def client_round(context: Context, global_state: dict, server_round: int) -> tup
     ``context.state``."""
     settings, spec, data, initial = client_of(context)
     cfg, method = settings.cfg, get_method(settings.cfg.method)
-    privacy = ClientPrivacy.from_config([data.num_train], cfg) if method.dp else None
+    privacy = ClientPrivacy.from_config([data.num_train], cfg, first_client=data.client_id) if method.dp else None
     done = rounds_trained(context)
     update = method.client_update(spec, global_state, private_state(context, initial), data, cfg, server_round - 1,
-                                  privacy.sigmas[0] if privacy else None)
+                                  privacy.client(0) if privacy else None)
     context.state[PRIVATE] = ArrayRecord({k: t.cpu() for k, t in update.private.items()})  # stays on the node
     context.state[PROGRESS] = ConfigRecord({"rounds": done + 1})
     metrics = {"num-examples": data.num_train, "partition-id": data.client_id, "train-loss": update.train_loss,
@@ -105,12 +105,25 @@ def client_evaluation(context: Context, global_state: dict) -> dict:
     return {"num-examples": len(data.test_y), "partition-id": data.client_id, "global-acc": acc}
 
 
+AGGREGATION_METRICS = ("num-examples", "partition-id")  # all a DP client sends besides its upload, by default
+
+
+def replied_metrics(context: Context, metrics: dict) -> dict:
+    """What of ``metrics`` leaves this node: everything, or for a DP method (unless the run config opts in with
+    client-metrics) only what aggregation needs."""
+    settings = client_of(context)[0]
+    if get_method(settings.cfg.method).dp and not settings.client_metrics:
+        return {k: v for k, v in metrics.items() if k in AGGREGATION_METRICS}
+    return metrics
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Receive the global state, train, reply with the upload and the figures only."""
+    """Receive the global state, train, reply with the upload and the figures (see :func:`replied_metrics`)."""
+    refuse_keyed_noise(client_of(context)[0].cfg)
     device = client_of(context)[2].train_x.device
     upload, metrics = client_round(context, received_state(msg, device), int(msg.content["config"]["server-round"]))
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    content = RecordDict({"metrics": MetricRecord(replied_metrics(context, metrics))})
     if upload:
         content["arrays"] = ArrayRecord(upload)
     return Message(content=content, reply_to=msg)
@@ -120,5 +133,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Reply with the client's test accuracy under the new global state."""
     device = client_of(context)[2].train_x.device
-    metrics = client_evaluation(context, received_state(msg, device))
+    metrics = replied_metrics(context, client_evaluation(context, received_state(msg, device)))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

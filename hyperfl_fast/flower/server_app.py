@@ -43,9 +43,10 @@ from ..data import DATASET_SHAPES
 from ..engines import STATE_FORMAT
 from ..federation import ClientResult
 from ..methods import Method, get_method
-from ..metrics import round_record, write_metrics
+from ..dp import ClientPrivacy
+from ..metrics import round_line, round_record, write_metrics
 from ..models import cnn_spec
-from .settings import FlowerSettings, settings_from_run_config
+from .settings import FlowerSettings, refuse_keyed_noise, settings_from_run_config
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 
@@ -75,6 +76,8 @@ class UploadAuditingFedAvg(FedAvg):
         self.settings, self.cfg, self.upload_keys, self.on_upload = settings, settings.cfg, upload_keys, on_upload
         self.method = method or get_method(settings.cfg.method)
         self.current: dict[str, torch.Tensor] = {}  # the global state sent this round
+        # DP methods: each client's privacy accounting, kept by the server from what it sees (data size, rounds)
+        self.privacy: dict[int, ClientPrivacy] = {}
         self.rounds: list[dict] = []
         self.trained: dict[int, dict] = {}  # this round's train reports by partition id
         self.failed: list[str] = []
@@ -124,6 +127,10 @@ class UploadAuditingFedAvg(FedAvg):
             if upload:
                 uploads.append(upload)
                 weights.append(int(metrics[self.weighted_by_key]))
+            if self.method.dp:  # one more round of DP-SGD steps for this client
+                if pid not in self.privacy:
+                    self.privacy[pid] = ClientPrivacy.from_config([int(metrics[self.weighted_by_key])], self.cfg, pid)
+                self.privacy[pid].record_round([0])
             if self.on_upload:
                 self.on_upload(server_round, pid, upload)
             if self.settings.audit_uploads:
@@ -138,18 +145,22 @@ class UploadAuditingFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         good = self._check_replies(server_round, replies, "evaluate")
-        global_acc = {int(m.content["metrics"]["partition-id"]): float(m.content["metrics"]["global-acc"])
-                      for m in good}
-        results = [ClientResult(pid, float(t["train-loss"]), float(t["local-acc"]), global_acc[pid],
-                                float(t["epsilon"]) if "epsilon" in t else None)
-                   for pid, t in sorted(self.trained.items()) if pid in global_acc]
-        record = round_record(self.cfg, server_round - 1, results, time.perf_counter() - self.started)
+        evaluated = {int(m.content["metrics"]["partition-id"]): m.content["metrics"] for m in good}
+
+        def figure(metrics, key):  # a DP client reports no figures unless the run opts in
+            return float(metrics[key]) if key in metrics else None
+
+        epsilons = {pid: p.epsilons()[0] for pid, p in self.privacy.items()}
+        results = [ClientResult(pid, figure(t, "train-loss"), figure(t, "local-acc"),
+                                figure(evaluated[pid], "global-acc"), epsilons.get(pid))
+                   for pid, t in sorted(self.trained.items()) if pid in evaluated]
+        all_epsilons = [epsilons.get(pid, 0.0) for pid in range(self.cfg.clients)] if self.method.dp else None
+        record = round_record(self.cfg, server_round - 1, results, time.perf_counter() - self.started,
+                              all_epsilons)
         record["failures"] = self.failed
         self.rounds.append(record)
         write_metrics(self.settings.output_dir, self.cfg, self.rounds)
-        log(INFO, "hyperfl_fast: round %s/%s | train loss %.4f | local acc %.2f%% | global acc %.2f%% | %.1f s",
-            server_round, self.cfg.rounds, record["train_loss"], record["local_acc"], record["global_acc"],
-            record["seconds"])
+        log(INFO, "hyperfl_fast: %s", round_line(self.cfg, record))
         return super().aggregate_evaluate(server_round, good)
 
 
@@ -187,4 +198,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """The ServerApp's entry point: settings from the run config, then the federation."""
-    run_federation(grid, settings_from_run_config(context.run_config))
+    settings = settings_from_run_config(context.run_config)
+    refuse_keyed_noise(settings.cfg)
+    run_federation(grid, settings)

@@ -3,7 +3,10 @@
 Keys are the training CLI's flags without the dashes in front (``local-epochs``, ``client-init``, ...), plus
 the federation's own: ``output-dir`` (where the server writes metrics; "" = runs/flower-<dataset>-<method>),
 ``min-clients`` (the fewest replies a round may aggregate; 0 = all ``clients``), ``round-timeout`` (seconds
-the server waits for a round's replies) and ``audit-uploads`` (write every received upload's keys and shapes).
+the server waits for a round's replies), ``audit-uploads`` (write every received upload's keys and shapes) and
+``client-metrics`` (DP methods: clients also send their train loss, local and global test accuracy and epsilon;
+by default a DP client sends only its upload, its data size and its partition id: those figures are computed
+on its private records without noise; the server accounts every client's epsilon itself from what it sees).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 
-FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads"}
+FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads", "client-metrics"}
 OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
 
 
@@ -25,6 +28,7 @@ class FlowerSettings:
     min_clients: int  # a round whose replies are fewer stops the run
     round_timeout: float  # seconds
     audit_uploads: bool
+    client_metrics: bool  # DP methods: clients send their figures too (opt-in; see the module docs)
 
 
 def settings_from_run_config(run_config: dict) -> FlowerSettings:
@@ -48,4 +52,15 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"run config: round-timeout must be a positive number of seconds, got {timeout!r}")
     out = Path(run_config.get("output-dir") or f"runs/flower-{cfg.dataset}-{cfg.method}")
-    return FlowerSettings(cfg, out, min_clients, float(timeout), bool(run_config.get("audit-uploads", False)))
+    return FlowerSettings(cfg, out, min_clients, float(timeout), bool(run_config.get("audit-uploads", False)),
+                          bool(run_config.get("client-metrics", False)))
+
+
+def refuse_keyed_noise(cfg: Config) -> None:
+    """The Flower app runs real federations: keyed DP noise (reproducible from the seed the server sends every
+    client) would be no noise at all, so it is refused."""
+    from ..methods import get_method
+
+    if get_method(cfg.method).dp and cfg.dp_noise != "secure":
+        raise ConfigError("run config: dp-noise \"keyed\" is reproducible from the run's seed, which every "
+                          "client receives, so anyone could remove the noise; a Flower run uses dp-noise \"secure\"")

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..dp import ClientNoise
 from ..federation import ClientData, accuracy, weighted_average
 from ..models import CNNSpec
 
@@ -95,7 +96,9 @@ class Method(ABC):
     headline: ClassVar[str]  # the figure the paper reports: "local_acc" (personalised) or "global_acc"
     uploads: ClassVar[str]  # what leaves a client each round, in words ("" = nothing)
     keeps: ClassVar[str]  # what a client keeps between rounds, in words ("" = nothing)
-    dp: ClassVar[bool] = False  # record-level DP-SGD: engines give each client its sigma and account its steps
+    dp: ClassVar[bool] = False  # DP-SGD: engines give each client its noise (dp.ClientNoise) and account its steps
+    # with dp: what its epsilon covers, in words (the log, metrics.json and --help say it)
+    dp_guarantee: ClassVar[str] = ""
     supports: ClassVar[frozenset[str]] = frozenset()  # of FEATURES
     threat: ClassVar[str | None] = None  # the attack CLI's threat model for its upload (with ATTACK)
     step_flags: ClassVar[tuple[str, ...]] = ("lr",)  # the settings to lower when its training diverges
@@ -108,7 +111,7 @@ class Method(ABC):
 
     @abstractmethod
     def client_update(self, spec: CNNSpec, global_state: State, private: State, data: ClientData, cfg,
-                      round_idx: int, sigma: float | None = None) -> ClientUpdate:
+                      round_idx: int, noise: ClientNoise | None = None) -> ClientUpdate:
         """One client's local training in round ``round_idx``, starting from the received ``global_state``."""
 
     @abstractmethod

@@ -8,7 +8,7 @@ authors' code does.  sigma spends (``epsilon``, ``delta``) over the whole run
 """
 from __future__ import annotations
 
-from ..dp import dp_batches, dp_sgd_step, expected_batch_size, noise_generator
+from ..dp import dp_batches, dp_sgd_step, expected_batch_size
 from .base import ATTACK, POISSON, mean_loss, record_loss, register, sgd
 from .fedavg import FedAvg
 
@@ -22,15 +22,16 @@ class DPFedAvg(FedAvg):
     supports = frozenset({POISSON, ATTACK})
     threat = "dp-full-model"
     step_flags = ("lr", "dp_clip")
+    dp_guarantee = "record-level: every DP-SGD step of the whole CNN, which is all that leaves a client"
     paper = {}
 
-    def train(self, model, data, cfg, round_idx, sigma):
+    def train(self, model, data, cfg, round_idx, noise):
         optimizer = sgd(model.parameters(), cfg, cfg.lr)
         denominator = expected_batch_size(cfg, data.num_train) if cfg.poisson else None
         for epoch in range(cfg.local_epochs):
             losses = []
             for step, (x, y) in enumerate(dp_batches(data, cfg, round_idx, epoch)):
                 record_loss(losses, model, x, y)
-                dp_sgd_step(model, list(model.parameters()), optimizer, x, y, cfg.dp_clip, sigma,
-                            noise_generator(cfg.seed, round_idx, data.client_id, epoch, step), denominator)
+                dp_sgd_step(model, list(model.parameters()), optimizer, x, y, cfg.dp_clip, noise.sigma,
+                            noise.generator(round_idx, epoch, step, x.device), denominator, noise.sample)
         return mean_loss(losses)

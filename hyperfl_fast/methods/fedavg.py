@@ -28,13 +28,13 @@ class FedAvg(Method):
         (model,) = init_target_cnns(spec, 1, device)
         return detached(model), [{} for _ in range(num_clients)]
 
-    def train(self, model, data, cfg, round_idx, sigma):
+    def train(self, model, data, cfg, round_idx, noise):
         """Local training of the received CNN; returns the mean loss of the last epoch."""
         return train_full_model(model, data, cfg, round_idx)
 
-    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = cnn_from(spec, global_state)  # receive the global CNN
-        loss = self.train(model, data, cfg, round_idx, sigma)
+        loss = self.train(model, data, cfg, round_idx, noise)
         return ClientUpdate(detached(model), {}, loss, accuracy(model, data.test_x, data.test_y))  # upload all
 
     def predict(self, spec, global_state, private):

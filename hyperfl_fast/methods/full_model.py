@@ -12,10 +12,10 @@ from typing import Callable, Iterable
 import torch
 
 from ..config import Config
-from ..dp import private_step_grads
 from ..engines import Engine
 from ..federation import ClientData, ClientResult
 from ..lockstep.data import RoundSchedule, StackedData, weighted_mean
+from ..lockstep.dp_step import private_step_grads
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
 from ..models import CNNSpec, TargetCNN
@@ -51,8 +51,6 @@ class CNNLockstep(Engine):
         self.data = StackedData(clients)
         shared, privates = method.init_states(spec, len(clients), cfg, device)
         self.params = self.stored(shared, privates)
-        with torch.device("meta"):
-            self.template = TargetCNN(spec)  # the module per-example gradients are taken through (no data)
 
     # what varies between a shared model and private ones
     def stored(self, shared: State, privates: list[State]) -> dict[str, torch.Tensor]:
@@ -94,7 +92,7 @@ class CNNLockstep(Engine):
                 if self.privacy is not None:
                     with torch.no_grad():
                         losses = client_losses(cnn_logits(batch.x, params, self.spec), batch)
-                    grads = private_step_grads(self.template, params, batch.x, batch.y, batch.valid, cfg,
+                    grads = private_step_grads(self.spec, params, list(params), batch.x, batch.y, batch.valid, cfg,
                                                self.privacy, sampled, round_idx, epoch, step)
                     sgd.step(grads, batch.active)
                 else:

@@ -248,7 +248,7 @@ class HyperFL(Method):
         return detached(hypernet), [{"embedding": v.detach().clone(), **detached(c, "classifier.")}
                                     for v, c in zip(embeddings, classifiers)]
 
-    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = client_model(spec, global_state, private)  # 1. receive the global psi
         loss = train_hyperfl_client(model, data, cfg, round_idx)  # 2., 3.
         private = {"embedding": model.embedding.detach().clone(), **detached(model.classifier, "classifier.")}

@@ -21,7 +21,7 @@ class Local(Method):
         models = init_target_cnns(spec, num_clients, device, shared=cfg.client_init == "shared")
         return {}, [detached(m) for m in models]
 
-    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = cnn_from(spec, private)
         loss = train_full_model(model, data, cfg, round_idx)
         return ClientUpdate({}, detached(model), loss, accuracy(model, data.test_x, data.test_y))  # no upload

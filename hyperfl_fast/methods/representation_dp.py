@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..dp import dp_batches, dp_sgd_step, expected_batch_size, noise_generator, private_step_grads
+from ..dp import ClientNoise, dp_batches, dp_sgd_step, expected_batch_size
 from ..engines import Engine
 from ..federation import ClientData, ClientResult, accuracy
 from ..lockstep.data import Batch, RoundSchedule, StackedData, weighted_mean
+from ..lockstep.dp_step import private_step_grads
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
 from ..models import CNNSpec, TargetCNN, init_private_classifiers
@@ -38,12 +39,12 @@ def classifier_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch
 
 
 def private_representation_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x, y, cfg: Config,
-                                sigma: float, data: ClientData, round_idx: int, epoch: int, step: int) -> None:
-    """A DP-SGD step of the representation (``optimizer``'s parameters) with the client's keyed noise."""
+                                noise: ClientNoise, data: ClientData, round_idx: int, epoch: int, step: int) -> None:
+    """A DP-SGD step of the representation (``optimizer``'s parameters) with the client's noise."""
     features = [p for group in optimizer.param_groups for p in group["params"]]
-    dp_sgd_step(model, features, optimizer, x, y, cfg.dp_clip, sigma,
-                noise_generator(cfg.seed, round_idx, data.client_id, epoch, step),
-                expected_batch_size(cfg, data.num_train) if cfg.poisson else None)
+    dp_sgd_step(model, features, optimizer, x, y, cfg.dp_clip, noise.sigma, noise.generator(round_idx, epoch, step,
+                                                                                               x.device),
+                expected_batch_size(cfg, data.num_train) if cfg.poisson else None, noise.sample)
 
 
 class RepresentationDPLockstep(Engine):
@@ -63,8 +64,6 @@ class RepresentationDPLockstep(Engine):
         self.representation = {k: t.unsqueeze(0) for k, t in shared.items()}  # (1, ...)
         # private, never uploaded: (Nc, K, D), (Nc, K)
         self.classifier = {k: torch.stack([p[k] for p in privates]) for k in CLASSIFIER_KEYS}
-        with torch.device("meta"):
-            self.template = TargetCNN(spec)
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
@@ -94,8 +93,8 @@ class RepresentationDPLockstep(Engine):
                     losses = client_losses(cnn_logits(batch.x, {**features, **head}, self.spec), batch)
                 if not first:
                     classifier_step(batch)
-                grads = private_step_grads(self.template, features, batch.x, batch.y, batch.valid, cfg, self.privacy,
-                                           sampled, round_idx, epoch, step, frozen=head)
+                grads = private_step_grads(self.spec, {**features, **head}, list(features), batch.x, batch.y,
+                                           batch.valid, cfg, self.privacy, sampled, round_idx, epoch, step)
                 feature_sgd.step(grads, batch.active)
                 loss_sum += losses * batch.nonempty
                 loss_count += batch.nonempty
@@ -137,6 +136,9 @@ class RepresentationDP(Method):
     supports = frozenset({POISSON, ATTACK})
     threat = "dp-representation"
     step_flags = ("lr", "classifier_lr", "dp_clip")
+    dp_guarantee = ("the representation's DP-SGD steps given the classifier, as the authors report it; not a "
+                    "record-level guarantee for the client's data (the classifier trains on the same records "
+                    "without noise)")
     lockstep = RepresentationDPLockstep
 
     def init_states(self, spec, num_clients, cfg, device):
@@ -149,7 +151,7 @@ class RepresentationDP(Method):
         """The epochs (as the schedule numbers them, for the keyed draws) of DP-SGD steps."""
         return range(1, cfg.local_epochs + 1) if self.classifier_epoch_first else range(cfg.local_epochs)
 
-    def train(self, model: TargetCNN, data: ClientData, cfg: Config, round_idx: int, sigma: float) -> float:
+    def train(self, model: TargetCNN, data: ClientData, cfg: Config, round_idx: int, noise: ClientNoise) -> float:
         """Local training of the received representation and the private classifier; the last epoch's mean loss."""
         classifier_sgd, feature_sgd = self.optimizers(model, cfg)
         if self.classifier_epoch_first:  # the classifier epoch (not private), on the received representation
@@ -161,7 +163,7 @@ class RepresentationDP(Method):
                 record_loss(losses, model, x, y)
                 if not self.classifier_epoch_first:
                     classifier_step(model, classifier_sgd, x, y)
-                private_representation_step(model, feature_sgd, x, y, cfg, sigma, data, round_idx, epoch, step)
+                private_representation_step(model, feature_sgd, x, y, cfg, noise, data, round_idx, epoch, step)
         return mean_loss(losses)
 
     def optimizers(self, model: TargetCNN, cfg: Config) -> tuple[torch.optim.SGD, torch.optim.SGD]:
@@ -169,9 +171,9 @@ class RepresentationDP(Method):
         features = [p for name, p in model.named_parameters() if name not in CLASSIFIER_KEYS]
         return sgd(model.fc2.parameters(), cfg, cfg.classifier_lr), sgd(features, cfg, cfg.lr)
 
-    def client_update(self, spec, global_state, private, data, cfg, round_idx, sigma=None):
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = cnn_from(spec, {**global_state, **private})  # the global representation, the own classifier
-        loss = self.train(model, data, cfg, round_idx, sigma)
+        loss = self.train(model, data, cfg, round_idx, noise)
         state = detached(model)
         upload = {k: t for k, t in state.items() if k not in CLASSIFIER_KEYS}  # the representation only
         private = {k: state[k] for k in CLASSIFIER_KEYS}
