@@ -130,7 +130,7 @@ def check_privacy_budget(cfg: Config, log: Callable[[str], None] = print) -> Non
     if cfg.dp_noise == "keyed":
         log("warning: --dp-noise keyed: the noise is reproducible from --seed and can be subtracted from every "
             "upload; this run is NOT private (a setting for checks and simulation)")
-    log(f"{cfg.method}: epsilon {privacy_claims(cfg)['epsilon_is']}; it covers {method.dp_guarantee}")
+    log(f"{cfg.method}: epsilon {privacy_claims(cfg)['epsilon_is']}; what it covers: {method.dp_guarantee}")
 
 
 def completed_rounds(out: Path) -> int:

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=d.delta, help="DP methods: target delta")
     p.add_argument("--dp-clip", type=float, default=d.dp_clip, help="DP methods: per-example gradient norm bound")
     p.add_argument("--poisson", action="store_true",
-                   help=f"{', '.join(method_names(POISSON))}: Poisson-sampled DP-SGD batches, under which the reported "
-                        "epsilon holds (default: shuffled batches, as the authors' code; epsilon is then nominal)")
+                   help=f"{', '.join(method_names(POISSON))}: Poisson-sampled DP-SGD batches, the sampling the "
+                        "accountant assumes (default: shuffled batches, as the authors' code; epsilon is then nominal). "
+                        "The epsilon is then exact for what it covers (see --epsilon)")
     p.add_argument("--dp-noise", default=d.dp_noise,
                    help="DP methods: secure (each client's noise from a generator seeded by the OS: private) or keyed "
                         "(reproducible from --seed, for checks and simulation: NOT private)")

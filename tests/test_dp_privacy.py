@@ -215,3 +215,26 @@ def test_checkpoints_from_before_secret_noise_resume_as_they_were_written(tiny_c
             with pytest.raises(ConfigError, match=r"different settings \(dp_noise\)"):
                 _check_resumable(tmp_path, {"config": saved}, cfg)
         _check_resumable(tmp_path, {"config": saved}, dataclasses.replace(cfg, dp_noise="keyed"))
+
+
+def test_a_secure_dp_run_resumes_with_its_accounting(tiny_config, tmp_path):
+    """Secret noise is drawn afresh after a crash (nothing to replay), and the accounting carries on: the resumed
+    run spends exactly the epsilon of an unbroken one."""
+    cfg = dataclasses.replace(tiny_config, method="dp-fedavg", rounds=2, epsilon=8.0)
+    straight = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "a")), log=lambda _: None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_1(line):
+        if line.startswith("round    1/"):
+            raise Crash
+
+    broken = dataclasses.replace(cfg, output_dir=str(tmp_path / "b"))
+    with pytest.raises(Crash):
+        run(broken, log=crash_after_round_1)
+    resumed = run(broken, resume=True, log=lambda _: None)
+    assert [r["round"] for r in resumed.rounds] == [1, 2]
+    for a, b in zip(straight.rounds, resumed.rounds):
+        assert a["epsilons"] == pytest.approx(b["epsilons"], rel=1e-12)
+    assert straight.rounds[1]["train_loss"] != resumed.rounds[1]["train_loss"]  # other noise: not replayable
