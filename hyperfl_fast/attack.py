@@ -27,15 +27,16 @@ from .progress import progress_bar
 from .privacy.attacks import AttackBudget, LocalTraining, reconstruct
 from .privacy.lpips import LPIPS
 from .privacy.metrics import match_to_ground_truth, psnr, ssim
-from .dp import noise_multiplier
-from .privacy.threats import dp_scenario, fedavg_scenario, hyperfl_scenario
+from .dp import dp_steps, noise_multiplier, sample_rate
+from .privacy.threats import cnn_scenario, fedavg_scenario, hyperfl_scenario
 from .engines import check_format
 from .methods import ATTACK, get_method, method_names
 
 VARIANTS = ("a", "b", "c")
 PAPER = Config()  # the paper's settings, which the attacked client trains with
-PAPER_DP_SAMPLE_RATE = PAPER.batch_size / 600  # batch 50 of a Fashion-MNIST client's 600 samples
-PAPER_DP_EPOCHS = 200 * PAPER.local_epochs  # the paper's 200 rounds of 5 local epochs
+PAPER_DP_SAMPLE_RATE = sample_rate(600, PAPER.batch_size)  # batch 50 of a Fashion-MNIST client's 600 samples
+# the DP-SGD steps of the paper's run: 200 rounds of 5 local epochs of ceil(600 / 50) steps
+PAPER_DP_STEPS = dp_steps(600, PAPER.batch_size, 200, PAPER.local_epochs)
 VARIANT_NAMES = {"a": "IG, unknown embedding + classifier", "b": "white-box (true embedding + classifier)",
                  "c": "structure-aware (rank-one heads)"}
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-clip", type=float, default=PAPER.dp_clip, help="DP methods: per-sample gradient norm bound C")
     p.add_argument("--sigma", type=float, default=None,
                    help="DP methods: noise multiplier (default: what spends --epsilon over the paper's run, "
-                        f"{PAPER_DP_EPOCHS} epochs at sample rate {PAPER_DP_SAMPLE_RATE:.4f})")
+                        f"{PAPER_DP_STEPS} steps at sample rate {PAPER_DP_SAMPLE_RATE:.4f})")
     p.add_argument("--checkpoint", default=None, help="attack the models in a hyperfl_fast.train checkpoint.pt")
     p.add_argument("--client", type=int, default=0, help="which client's private parts a checkpoint provides")
     p.add_argument("--lpips-alexnet", default=None, help="local torchvision AlexNet weights (state dict) for LPIPS")
@@ -99,12 +100,13 @@ def read_checkpoint(args) -> dict:
         check_format(engine)
     except ValueError as exc:
         raise ValueError(f"--checkpoint {path}: {exc}") from None
-    if get_method(saved["method"]).keeps:  # the attacked client's private part comes from the checkpoint
+    method = get_method(saved["method"])
+    if method.keeps:  # the attacked client's private part comes from the checkpoint
         if not engine["clients"]:
             raise ValueError(f"--checkpoint {path} holds no client state (a Flower server's checkpoint); pass one "
                              "written by hyperfl_fast.train")
-        if not 0 <= args.client < len(engine["clients"]):
-            raise ValueError(f"--client {args.client}: {path} holds clients 0 to {len(engine['clients']) - 1}")
+    if (method.keeps or method.sends_per_client) and not 0 <= args.client < saved["clients"]:
+        raise ValueError(f"--client {args.client}: {path} holds clients 0 to {saved['clients'] - 1}")
     return state
 
 
@@ -127,8 +129,10 @@ def load_models(args, spec, device):
         try:
             if get_method(state["config"]["method"]).threat == "hypernetwork":
                 hypernet, embedding, classifier = _hyperfl_parts(shared, private, spec)
-            else:  # the CNN the client trains: the global one, with its own classifier where it has one
-                fedavg_model.load_state_dict({**shared, **private})
+            else:  # the CNN the client trains: what the server sends it, with its own classifier where it has one
+                sent = get_method(state["config"]["method"]).send(spec, shared, args.client) if shared else {}
+                wanted = dict(fedavg_model.named_parameters())
+                fedavg_model.load_state_dict({k: t for k, t in {**sent, **private}.items() if k in wanted})
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ValueError(f"--checkpoint {args.checkpoint} holds a {state['config']['dataset']} model, which "
                              f"does not fit --dataset {args.dataset} ({str(exc).splitlines()[0][:100]})") from None
@@ -164,7 +168,7 @@ def run_attacks(args, log=print) -> dict:
         raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
     sigma = args.sigma
     if sigma is None and any(get_method(m).dp for m in args.method):
-        sigma = noise_multiplier(args.epsilon, args.delta, PAPER_DP_SAMPLE_RATE, PAPER_DP_EPOCHS)
+        sigma = noise_multiplier(args.epsilon, args.delta, PAPER_DP_SAMPLE_RATE, PAPER_DP_STEPS)
         log(f"DP uploads: noise multiplier {sigma:.3f} (epsilon {args.epsilon:g}, delta {args.delta:g}), "
             f"clip {args.dp_clip:g}")
     device = attack_device(args.device)
@@ -194,9 +198,10 @@ def run_attacks(args, log=print) -> dict:
                 scenarios += [(method, variant, hyperfl_scenario(spec, hypernet, embedding, classifier, x, y,
                                                                  LocalTraining(steps, clip=PAPER.grad_clip), variant))
                               for variant in args.variant]
-            else:
-                scenarios.append((method, "", dp_scenario(method, fedavg_model, x, y, LocalTraining(
-                    steps, dp_clip=args.dp_clip, dp_sigma=sigma), args.seed)))
+            else:  # a CNN the client trains: noised with DP-SGD, or (pfedhn-pc) the representation as it is
+                training = LocalTraining(steps, dp_clip=args.dp_clip, dp_sigma=sigma) if get_method(method).dp \
+                    else LocalTraining(steps)
+                scenarios.append((method, "", cnn_scenario(method, fedavg_model, x, y, training, args.seed)))
         for method, variant, scenario in scenarios:
             log(f"attacking {scenario.name} ({setting}, {args.attack}, {args.iterations} iterations)")
             rec = reconstruct(scenario.simulate, scenario.observed, tuple(x.shape), spec.num_classes, bounds,

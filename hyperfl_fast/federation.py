@@ -18,7 +18,7 @@ import torch
 from .config import Config, ConfigError
 from .data import ImageDataset, load_dataset, random_crop_flip
 from .models import cnn_spec
-from .partition import ClientSplit, partition
+from .partition import ClientSplit, overlap, partition
 
 
 def make_generator(*keys: int) -> torch.Generator:
@@ -137,6 +137,11 @@ def load_partition(cfg: Config, log: Callable[[str], None] = print):
                            cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"{cfg.dataset}: {exc}") from None
+    shared = overlap(splits)
+    if shared:
+        log(f"note: {cfg.dataset}: {cfg.clients} clients x {local_size} samples: some classes ran out and started "
+            f"over, as in the authors' partition, so {shared} of the clients' {cfg.clients * local_size} training "
+            f"samples ({100 * shared / (cfg.clients * local_size):.1f}%) are held by more than one client")
     if cfg.batch_size > local_size:
         log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
             f"each epoch is one batch of {local_size}")

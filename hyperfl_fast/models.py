@@ -70,6 +70,15 @@ class CNNSpec:
         """P: the length of the flat theta vector."""
         return sum(math.prod(shape) for _, shape in self.feature_shapes())
 
+    def classifier_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of the classifier's tensors, as :class:`TargetCNN` names them."""
+        return [("fc2.weight", (self.num_classes, self.hidden)), ("fc2.bias", (self.num_classes,))]
+
+    def cnn_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor of the whole CNN (feature extractor, then classifier), in the order of
+        a flat vector that holds all of them (pFedHN generates the whole CNN)."""
+        return self.feature_shapes() + self.classifier_shapes()
+
 
 def cnn_spec(in_channels: int, num_classes: int) -> CNNSpec:
     """The paper's target CNN for 1-channel 28x28 or 3-channel 32x32 images."""
@@ -87,15 +96,24 @@ def split_theta(theta: torch.Tensor, spec: CNNSpec) -> dict[str, torch.Tensor]:
 
     A leading client dimension (N, P) gives per-client tensors (N, *shape).
     """
-    if theta.dim() == 0 or theta.shape[-1] != spec.num_feature_params:
-        raise ValueError(
-            f"theta must end in a flat vector of {spec.num_feature_params} values, got shape {tuple(theta.shape)}"
-        )
-    lead = theta.shape[:-1]
-    shapes = spec.feature_shapes()
+    return split_flat(theta, spec.feature_shapes())
+
+
+def split_flat(flat: torch.Tensor, shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Views of a flat vector (..., P) as named tensors (..., *shape), in the order of ``shapes``."""
+    size = sum(math.prod(shape) for _, shape in shapes)
+    if flat.dim() == 0 or flat.shape[-1] != size:
+        raise ValueError(f"theta must end in a flat vector of {size} values, got shape {tuple(flat.shape)}")
+    lead = flat.shape[:-1]
     # one split (its backward is a single concatenation, not a zero-filled (..., P) per slice)
-    pieces = theta.split([math.prod(shape) for _, shape in shapes], dim=-1)
+    pieces = flat.split([math.prod(shape) for _, shape in shapes], dim=-1)
     return {name: piece.reshape(*lead, *shape) for (name, shape), piece in zip(shapes, pieces)}
+
+
+def join_flat(tensors: dict[str, torch.Tensor], shapes: list[tuple[str, tuple[int, ...]]], lead: int = 0
+              ) -> torch.Tensor:
+    """The inverse of :func:`split_flat`: named tensors (with ``lead`` leading dimensions) as one flat vector."""
+    return torch.cat([tensors[name].flatten(lead) for name, _ in shapes], dim=-1)
 
 
 def extract_features(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec) -> torch.Tensor:

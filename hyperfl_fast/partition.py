@@ -3,7 +3,11 @@
 Each client gets ``local_size`` training samples: a share ``s`` of them is
 spread evenly over all classes, the rest comes from the client's dominant
 class group (groups are assigned round-robin).  Training samples are drawn
-without replacement across clients, so clients' training sets are disjoint.
+without replacement across clients, so clients' training sets are disjoint,
+until a class runs out: then, as the authors' partition does (``label_used[y]
+= 0`` in ``mnist_noniid_s``), the class starts over and hands out the same
+samples again, so clients overlap (the 100-client settings; :func:`overlap`
+counts it).
 Each client's test split is drawn the same way from the test set, so it follows
 the client's label distribution; test splits are disjoint within a client but
 may overlap between clients (the test sets are too small for the paper's
@@ -49,7 +53,7 @@ def partition(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: in
     client its samples.
     """
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
-    if num_clients * local_size > len(train_labels):
+    if iid and num_clients * local_size > len(train_labels):
         raise ValueError(f"{num_clients} clients x local_size {local_size} = {num_clients * local_size} training "
                          f"samples, but the dataset has only {len(train_labels)}; lower --clients or --local-size")
     if test_size > len(test_labels):
@@ -70,10 +74,11 @@ def partition(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: in
         train_counts = class_counts(client, local_size, num_classes, groups, iid_share)
         test_counts = class_counts(client, test_size, num_classes, groups, iid_share)
         for c in range(num_classes):
+            if train_counts[c] > len(train_pools[c]):
+                raise ValueError(f"class {c} has {len(train_pools[c])} training samples, fewer than the "
+                                 f"{train_counts[c]} one client needs; lower --local-size")
             if taken[c] + train_counts[c] > len(train_pools[c]):
-                raise ValueError(f"class {c} has {len(train_pools[c])} training samples, not enough for "
-                                 f"{num_clients} clients with local_size {local_size}; lower --clients or "
-                                 f"--local-size")
+                taken[c] = 0  # the class ran out: it starts over (the authors' partition), clients overlap
             if test_counts[c] > len(test_pools[c]):
                 raise ValueError(f"class {c} has {len(test_pools[c])} test samples, fewer than the "
                                  f"{test_counts[c]} a client's test split needs; lower --test-size")
@@ -82,3 +87,9 @@ def partition(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: in
             test_idx.append(rng.choice(test_pools[c], test_counts[c], replace=False))
         splits.append(ClientSplit(np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))))
     return splits
+
+
+def overlap(splits: list[ClientSplit]) -> int:
+    """How many of the clients' training samples another client holds too (0: the training sets are disjoint)."""
+    held = np.concatenate([s.train for s in splits])
+    return len(held) - len(np.unique(held))

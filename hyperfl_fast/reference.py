@@ -5,8 +5,8 @@ update (:meth:`hyperfl_fast.methods.Method.client_update`) for each sampled
 client in turn, then the server's aggregation, with nothing batched or fused.
 Every fast path is checked against it.  A round reads like the algorithm box::
 
-    for each sampled client: receive the global state -> client update -> upload
-    server: aggregate the uploads (weighted by data size)
+    for each sampled client: receive what the server sends it -> client update -> upload
+    server: aggregate the uploads
 """
 from __future__ import annotations
 
@@ -33,20 +33,22 @@ class ReferenceEngine(Engine):
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
-        uploads, weights, local = [], [], []
+        uploads, weights, senders, local = [], [], [], []
         for cid in progress(sampled):
             noise = self.privacy.client(cid) if self.privacy else None
-            update = self.method.client_update(self.spec, self.shared, self.private[cid], self.clients[cid],
+            received = self.method.send(self.spec, self.shared, cid)
+            update = self.method.client_update(self.spec, received, self.private[cid], self.clients[cid],
                                                self.cfg, round_idx, noise)
             self.private[cid] = update.private  # stays with the client
             if update.upload:
                 uploads.append(update.upload)
                 weights.append(self.clients[cid].num_train)
+                senders.append(cid)
             local.append((cid, update.train_loss, update.local_acc))
-        self.shared = self.method.aggregate(self.shared, uploads, weights)
+        self.shared = self.method.aggregate(self.shared, uploads, weights, senders)
         epsilons = self.privacy.record_round(sampled) if self.privacy else [None] * len(sampled)
         return [ClientResult(cid, loss, acc, self.method.global_accuracy(self.spec, self.shared, self.private[cid],
-                                                                          self.clients[cid]), eps)
+                                                                          self.clients[cid], cid), eps)
                 for (cid, loss, acc), eps in zip(local, epsilons)]
 
     def global_state(self) -> State:

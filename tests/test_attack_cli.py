@@ -37,7 +37,8 @@ def test_attack_from_a_checkpoint(hyperfl_checkpoint, tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"][0]["variant"] == "c"
 
 
-@pytest.mark.parametrize("method,engine", [("hyperfl", "reference"), ("fedavg", "reference"), ("fedavg", "batched")])
+@pytest.mark.parametrize("method,engine", [("hyperfl", "reference"), ("fedavg", "reference"), ("fedavg", "batched"),
+                                           ("pfedhn", "batched"), ("pfedhn-pc", "reference")])
 def test_attack_reads_either_engines_checkpoint(method, engine, tmp_path):
     """The attacked model is the one saved: loading it sets the global (and, for HyperFL, the client's) state."""
     from hyperfl_fast.attack import build_parser, load_models
@@ -53,6 +54,14 @@ def test_attack_reads_either_engines_checkpoint(method, engine, tmp_path):
     if method == "fedavg":
         want = saved["global"]["fc1.weight"]  # one layout, whichever engine wrote it
         assert torch.equal(fedavg_model.fc1.weight.detach(), want)
+    elif method.startswith("pfedhn"):  # the CNN the server generates for client 1 (and its own classifier)
+        server, spec = saved["global"], cnn_spec(1, 10)
+        theta = torch.relu(server["embeddings"][1] @ server["fc.weight"].T + server["fc.bias"]) \
+            @ server["heads.weight"].T + server["heads.bias"]
+        assert torch.allclose(fedavg_model.conv1.weight.detach().flatten(), theta[:spec.convs[0].out_channels * 25])
+        want = saved["clients"][1]["fc2.weight"] if method == "pfedhn-pc" else \
+            theta[spec.num_feature_params:spec.num_feature_params + 10 * spec.hidden].view(10, spec.hidden)
+        assert torch.allclose(fedavg_model.fc2.weight.detach(), want)
     else:
         assert torch.equal(embedding, saved["clients"][1]["embedding"])
         assert torch.equal(classifier.weight.detach(), saved["clients"][1]["classifier.weight"])

@@ -45,7 +45,7 @@ def test_smoke_run_writes_metrics(tmp_path, capsys):
     (["--method", "fedprox"], "unknown method 'fedprox'"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
-    (["--clients", "500"], "lower --clients or --local-size"),
+    (["--clients", "500", "--iid"], "lower --clients or --local-size"),
 ])
 def test_bad_flags_are_clear_errors(flags, message, tmp_path, capsys):
     assert main(SMALL + flags + ["--output-dir", str(tmp_path)]) == 2

@@ -60,7 +60,9 @@ def assert_same_results(history):
 
 
 @pytest.mark.parametrize("method,client_init", [("hyperfl", "shared"), ("hyperfl", "independent"),
-                                                ("fedavg", "shared"), ("local", "shared"), ("local", "independent")])
+                                                ("fedavg", "shared"), ("local", "shared"), ("local", "independent"),
+                                                ("pfedhn", "shared"), ("pfedhn-pc", "shared"),
+                                                ("pfedhn-pc", "independent")])
 def test_batched_engine_equals_reference(method, client_init, float64):
     # unequal client sizes (partial and missing batches) and partial participation
     cfg = Config(dataset="synthetic", method=method, clients=4, frac=0.75, local_epochs=2, batch_size=20,
@@ -137,7 +139,8 @@ def test_batched_engine_on_triton_ops_matches_torch_ops(in_channels, monkeypatch
 
 @pytest.mark.parametrize("method,first,second", [
     ("hyperfl", "reference", "batched"), ("hyperfl", "batched", "reference"), ("fedavg", "batched", "reference"),
-    ("local", "reference", "batched"), ("dp-fedavg", "reference", "batched"), ("centaur", "batched", "reference")])
+    ("local", "reference", "batched"), ("dp-fedavg", "reference", "batched"), ("centaur", "batched", "reference"),
+    ("pfedhn", "reference", "batched"), ("pfedhn-pc", "batched", "reference")])
 def test_a_run_continues_on_the_other_engine(method, first, second, float64):
     """Every engine saves the same state: round 1 on one engine, round 2 on the other, equals round 2 on the
     first (to 1e-9 in float64), whichever way round; the state survives the trip exactly."""

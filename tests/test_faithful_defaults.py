@@ -20,7 +20,7 @@ def initial_private_state(engine, num_clients):
     return [tuple(engine.client_state(i).values()) for i in range(num_clients)]
 
 
-@pytest.mark.parametrize("method", ["hyperfl", "local"])
+@pytest.mark.parametrize("method", ["hyperfl", "local", "pfedhn-pc"])
 @pytest.mark.parametrize("build", [build_reference, build_batched])
 @pytest.mark.parametrize("client_init", ["shared", "independent"])
 def test_client_init(method, build, client_init):
@@ -80,9 +80,9 @@ def test_reproduce_writes_table_plots_json_and_skips_finished_runs(tiny_config, 
     assert results["missing_datasets"] == ["emnist"]
     assert any("skipped" in line and "emnist" in line for line in lines)
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| synthetic | hyperfl | mean local accuracy |" in table
-    assert "| synthetic | fedavg | global-model accuracy |" in table
-    png = (tmp_path / "out" / "accuracy_synthetic.png").read_bytes()
+    assert "| synthetic | 4 | hyperfl | mean local accuracy |" in table
+    assert "| synthetic | 4 | fedavg | global-model accuracy |" in table
+    png = (tmp_path / "out" / "accuracy_synthetic_4clients.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {(r["method"], tuple(r["seeds"])) for r in saved["rows"]} == {("hyperfl", (0, 1)), ("fedavg", (0, 1))}
@@ -93,11 +93,11 @@ def test_reproduce_writes_table_plots_json_and_skips_finished_runs(tiny_config, 
     assert hyperfl["paper"] is None and hyperfl["difference"] is None
 
     # a second invocation reads every finished run back and trains nothing
-    metrics = tmp_path / "out" / "runs" / "synthetic-hyperfl-seed0" / "metrics.json"
+    metrics = tmp_path / "out" / "runs" / "synthetic-4clients-hyperfl-seed0" / "metrics.json"
     before = metrics.stat().st_mtime_ns
     lines.clear()
     again = reproduce(base, ["hyperfl", "fedavg"], ["synthetic"], [0, 1], tmp_path / "out", log=lines.append)
-    assert sum("finished earlier" in line for line in lines) == 4 and not any("training" in l for l in lines)
+    assert sum("finished earlier" in line for line in lines) == 4 and not any(": training" in l for l in lines)
     assert metrics.stat().st_mtime_ns == before
     assert again["rows"] == results["rows"]
 
@@ -112,15 +112,23 @@ def test_reproduce_writes_table_plots_json_and_skips_finished_runs(tiny_config, 
 
 
 def test_reproduce_paper_column_for_fmnist(tmp_path):
-    from hyperfl_fast.methods import get_method
+    from hyperfl_fast.methods import METHODS, get_method
     from hyperfl_fast.reproduce import markdown_table, table_rows, RunCurve
 
     curves = [RunCurve("fmnist", "hyperfl", s, [80.0, acc], 10.0) for s, acc in enumerate([88.0, 89.0])]
+    curves.append(RunCurve("fmnist", "pfedhn", 0, [85.0, 86.0, 87.0], 3.0, clients=100, frac=0.3))
     rows = table_rows(curves)
-    assert rows[0]["paper"] == get_method("hyperfl").paper["fmnist"] == 88.28
+    assert rows[0]["paper"] == get_method("hyperfl").paper["fmnist"][20] == 88.28
     assert rows[0]["difference"] == pytest.approx(88.5 - 88.28)
-    assert "| fmnist | hyperfl | mean local accuracy | 88.50 ± 0.71 | 2 | 88.28 | +0.22 | 10.0 |" in \
-        markdown_table(rows, "")
+    table = markdown_table(rows, "")
+    assert "| fmnist | 20 | hyperfl | mean local accuracy | 88.50 ± 0.71 | 2 | 88.28 | +0.22 | 10.0 | 5.00 |" in table
+    assert "| fmnist | 100 | pfedhn | global-model accuracy | 87.00 ± 0.00 | 1 | 89.80 | -2.80 | 3.0 | 1.00 |" in table
+    # the paper's whole Table 1, every figure, ours beside the two we ran; and its Table 4 beside ours
+    table1 = table[table.index("## Table 1"):table.index("## Table 4")]
+    figures = [f"{v:.2f}" for m in METHODS.values() for by_clients in m.paper.values() for v in by_clients.values()]
+    assert len(figures) == 7 * 8 and all(f in table1 for f in figures)
+    assert "88.50 / 88.28 (+0.22)" in table1 and "87.00 / 89.80 (-2.80)" in table1
+    assert "| hyperfl | 37 | 5.00 (fmnist, 20) |" in table
 
 
 @pytest.mark.parametrize("flags,message", [(["--methods", "fedprox"], "--methods: unknown fedprox"),

@@ -222,7 +222,7 @@ def test_pyproject_run_config_has_the_cli_defaults():
     assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - in_process_only
 
 
-@pytest.mark.parametrize("method", ["hyperfl", "local", "dp-fedavg", "ppsgd"])
+@pytest.mark.parametrize("method", ["hyperfl", "local", "dp-fedavg", "ppsgd", "pfedhn-pc"])
 def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     """Every method's ClientApp code, driven in-process through Flower's records and its FedAvg aggregation,
     gives the reference engine's run; uploads hold exactly the method's shared part; private state persists."""
@@ -240,19 +240,90 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     contexts = [Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": 3},
                         state=RecordDict(), run_config=run_cfg) for i in range(3)]
     engine, _ = prepare(dataclasses.replace(cfg, engine="reference"), log=lambda _: None)
+    method_ = get_method(cfg.method)
+    spec = engine.spec
     for round_idx in range(2):
-        replies = [client_round(context, shared, round_idx + 1) for context in contexts]
+        sent = [method_.send(spec, shared, i) for i in range(3)]  # the global state, or (pfedhn) each its own
+        replies = [client_round(context, sent[i], round_idx + 1) for i, context in enumerate(contexts)]
         expected = engine.run_round(round_idx, [0, 1, 2])
-        for (upload, metrics), want in zip(replies, expected):
-            assert set(upload) == set(shared)  # HyperFL: the hypernetwork; local: nothing
+        for (upload, metrics), want, received in zip(replies, expected, sent):
+            assert set(upload) == set(received)  # HyperFL: the hypernetwork; local: nothing; pfedhn: delta theta
             assert metrics["rounds-before"] == round_idx
             assert metrics["train-loss"] == pytest.approx(want.train_loss, rel=1e-4)
-            assert metrics.get("epsilon") == (pytest.approx(want.epsilon) if get_method(cfg.method).dp else None)
-        if shared:
+            assert metrics.get("epsilon") == (pytest.approx(want.epsilon) if method_.dp else None)
+        if method_.sends_per_client:  # the server's own rule, as UploadAuditingFedAvg applies it
+            shared = method_.aggregate(shared, [up for up, _ in replies], [m["num-examples"] for _, m in replies],
+                                       [0, 1, 2])
+        elif shared:
             records = [RecordDict({"arrays": ArrayRecord(up), "metrics": MetricRecord(m)}) for up, m in replies]
             shared = aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()
-        accs = [client_evaluation(context, shared)["global-acc"] for context in contexts]
+        accs = [client_evaluation(context, method_.send(spec, shared, i))["global-acc"]
+                for i, context in enumerate(contexts)]
         assert accs == pytest.approx([r.global_acc for r in expected], abs=2.5)  # one test image in 40
     assert_equal_states(shared, engine.global_state())
     for i, context in enumerate(contexts):
         assert_equal_states(context.state["private"].to_torch_state_dict(), engine.client_state(i))
+
+
+def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_path, monkeypatch):
+    """pFedHN over Flower: the strategy asks each node its partition once, then every train and evaluate message
+    carries only that partition's generated weights; uploads are checked against them and aggregated by the
+    method's own rule (one server step per client, in partition order)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+
+    from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, initial_global_state
+    from hyperfl_fast.flower.settings import settings_from_run_config
+    from hyperfl_fast.models import cnn_spec
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
+        monkeypatch.setattr(TaskIdentity, name, value)
+    settings = settings_from_run_config({**{k.replace("_", "-"): v for k, v in SETTINGS.items()},
+                                         "method": "pfedhn", "output-dir": str(tmp_path)})
+    method, spec = get_method("pfedhn"), cnn_spec(1, 10)
+    shared = initial_global_state(settings.cfg)
+    keys = set(method.send(spec, shared, 0))
+    strategy = UploadAuditingFedAvg(settings, keys, method=method)
+    partition_of = {101: 2, 102: 0, 103: 1}
+    asked = []
+
+    class Grid:
+        def get_node_ids(self):
+            return list(partition_of)
+
+        def send_and_receive(self, messages, timeout=None):
+            asked.extend(m.metadata.dst_node_id for m in messages)
+            assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
+            return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                    content=RecordDict({"metrics": MetricRecord({"partition-id": partition_of[
+                                        m.metadata.dst_node_id]})})) for m in messages]
+
+    messages = list(strategy.configure_train(1, ArrayRecord(shared), ConfigRecord({}), Grid()))
+    assert sorted(asked) == sorted(partition_of) and len(messages) == 3
+    for msg in messages:
+        pid = partition_of[msg.metadata.dst_node_id]
+        got = msg.content["arrays"].to_torch_state_dict()
+        assert set(got) == keys and "embeddings" not in got  # the hypernetwork and embeddings stay on the server
+        for k, t in method.send(spec, shared, pid).items():
+            assert torch.equal(got[k], t)
+        assert msg.content["config"]["server-round"] == 1 and msg.metadata.message_type == MessageType.TRAIN
+    uploads = {pid: {k: 0.01 * torch.randn_like(t) for k, t in method.send(spec, shared, pid).items()}
+               for pid in range(3)}
+    replies = [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=node),
+                               content=RecordDict({"arrays": ArrayRecord(uploads[pid]),
+                                                   "metrics": MetricRecord({"num-examples": 60, "partition-id": pid,
+                                                                            "train-loss": 1.0, "local-acc": 50.0})}))
+               for node, pid in partition_of.items()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    want = method.aggregate(shared, [uploads[p] for p in range(3)], [60] * 3, [0, 1, 2])
+    assert_equal_states(arrays.to_torch_state_dict(), want)
+    asked.clear()
+    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), Grid()))
+    assert not asked and {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}  # asked once
+    for msg in evaluate:
+        pid = partition_of[msg.metadata.dst_node_id]
+        assert_equal_states(msg.content["arrays"].to_torch_state_dict(),
+                            method.send(spec, arrays.to_torch_state_dict(), pid))

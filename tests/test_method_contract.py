@@ -28,13 +28,16 @@ def toy_method():
 
 
 def test_every_method_declares_what_it_is():
-    assert list(METHODS) == ["local", "fedavg", "dp-fedavg", "centaur", "ppsgd", "hyperfl"]  # Table 1's order
+    assert list(METHODS) == ["local", "fedavg", "pfedhn", "pfedhn-pc", "dp-fedavg", "centaur", "ppsgd",
+                             "hyperfl"]  # Table 1's order (pFedHN-PC beside pFedHN)
     for name, method in METHODS.items():
         assert isinstance(method, Method) and method.name == name
         assert issubclass(method.lockstep, Engine)
         assert method.headline in ("local_acc", "global_acc") and isinstance(method.uploads, str)
     assert method_names(POISSON) == ["dp-fedavg", "centaur", "ppsgd"] == [n for n, m in METHODS.items() if m.dp]
-    assert method_names(ATTACK) == ["fedavg", "dp-fedavg", "centaur", "ppsgd", "hyperfl"]  # local uploads nothing
+    assert method_names(ATTACK) == ["fedavg", "pfedhn", "pfedhn-pc", "dp-fedavg", "centaur", "ppsgd",
+                                    "hyperfl"]  # local uploads nothing
+    assert [n for n, m in METHODS.items() if m.sends_per_client] == ["pfedhn", "pfedhn-pc"]
 
 
 def test_a_declaration_that_is_incomplete_or_inconsistent_is_refused():
@@ -67,7 +70,7 @@ def test_a_new_method_module_is_all_it_takes(toy_method, tmp_path, capsys):
 
 
 def test_unknown_methods_name_the_choices():
-    with pytest.raises(ValueError, match="unknown method 'fedsgd'; choose one of local, fedavg, dp-fedavg"):
+    with pytest.raises(ValueError, match="unknown method 'fedsgd'; choose one of local, fedavg, pfedhn, pfedhn-pc, dp-fedavg"):
         get_method("fedsgd")
     with pytest.raises(ConfigError, match="--method: unknown method 'fedsgd'"):
         Config(method="fedsgd", device="cpu").validate()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hyperfl_fast.data import EMNIST_GROUPS, TEN_CLASS_GROUPS
-from hyperfl_fast.partition import class_counts, even_split, partition
+from hyperfl_fast.partition import class_counts, even_split, overlap, partition
 
 
 def labels(per_class, num_classes=10, seed=0):
@@ -79,7 +79,24 @@ def test_iid_partition_is_disjoint_and_balanced():
 
 
 def test_too_many_clients_is_a_clear_error():
-    with pytest.raises(ValueError, match="lower --clients or --local-size"):
-        partition(labels(600), labels(300), 10, TEN_CLASS_GROUPS, 11, 600, 100)
-    with pytest.raises(ValueError, match="training samples, not enough for 9 clients"):
-        partition(labels(600), labels(300), 10, TEN_CLASS_GROUPS, 9, 600, 100)
+    with pytest.raises(ValueError, match="lower --clients or --local-size"):  # IID splits stay disjoint
+        partition(labels(600), labels(300), 10, TEN_CLASS_GROUPS, 11, 600, 100, iid=True)
+    with pytest.raises(ValueError, match="class 0 has 60 training samples, fewer than the 61 one client needs"):
+        partition(labels(60), labels(300), 10, TEN_CLASS_GROUPS, 1, 601, 100, iid_share=1.0)
+
+
+def test_a_class_that_runs_out_starts_over_as_the_authors_partition_does():
+    """100 clients x 600 samples of FMNIST-like data: the dominant classes run out, start over and hand the same
+    samples out again; every client still gets exactly its class counts."""
+    train_y = labels(600)
+    splits = partition(train_y, labels(300), 10, TEN_CLASS_GROUPS, 20, 300, 100, 0.2, seed=2)
+    assert overlap(splits) > 0
+    for cid, s in enumerate(splits):
+        assert len(np.unique(s.train)) == 300  # no sample twice within a client
+        np.testing.assert_array_equal(np.bincount(train_y[s.train], minlength=10),
+                                      class_counts(cid, 300, 10, TEN_CLASS_GROUPS, 0.2))
+    first = partition(train_y, labels(300), 10, TEN_CLASS_GROUPS, 10, 300, 100, 0.2, seed=2)
+    assert overlap(first) == 0  # nothing runs out: disjoint as before
+    # class 0 is dominant for clients 0, 4, 5, 9, ...: after 600 / (80 + 6) = 6 of them it starts over
+    zero = [set(s.train[train_y[s.train] == 0]) for s in splits]
+    assert zero[0] & set().union(*zero[1:])

@@ -133,14 +133,14 @@ def test_dp_upload_is_the_clipped_update_plus_the_training_noise(method, steps):
     """What the attacker observes is the noiseless DP update it can simulate plus noise it cannot: with
     sigma 0 the two are equal; with sigma > 0 (one step) the difference is N(0, (sigma C / B)^2) per value."""
     from hyperfl_fast.dp import dp_sgd_step
-    from hyperfl_fast.privacy import dp_scenario
+    from hyperfl_fast.privacy import cnn_scenario
 
     torch.manual_seed(0)
     model = TargetCNN(SPEC)
     x, y = torch.randn(3, 1, 12, 12), torch.tensor([3, 1, 3])
     onehot = nn.functional.one_hot(y, 10).float()
     private = {k: t.detach() for k, t in model.named_parameters() if k.startswith("fc2")} if method == "ppsgd" else {}
-    exact = dp_scenario(method, model, x, y, LocalTraining(steps, dp_clip=0.04, dp_sigma=0.0))
+    exact = cnn_scenario(method, model, x, y, LocalTraining(steps, dp_clip=0.04, dp_sigma=0.0))
     simulated = exact.simulate(x, onehot, private)
     assert len(simulated) == len(exact.observed) == (6 if method == "dp-fedavg" else 4)  # fc2 stays private
     for got, want in zip(simulated, exact.observed):
@@ -153,7 +153,7 @@ def test_dp_upload_is_the_clipped_update_plus_the_training_noise(method, steps):
         before = [p for k, p in model.named_parameters() if not (private and k.startswith("fc2"))]
         for g, p0, p1 in zip(exact.observed, before, params):
             torch.testing.assert_close(g, (p0 - p1).detach(), rtol=1e-4, atol=1e-7)
-        noisy = dp_scenario(method, model, x, y, LocalTraining(1, dp_clip=0.04, dp_sigma=2.0))
+        noisy = cnn_scenario(method, model, x, y, LocalTraining(1, dp_clip=0.04, dp_sigma=2.0))
         residual = torch.cat([(o - e).flatten() for o, e in zip(noisy.observed, exact.observed)])
         assert residual.std().item() == pytest.approx(2.0 * 0.04 / 3, rel=0.05)
 
@@ -169,3 +169,22 @@ def test_attack_cli_on_dp_uploads(tmp_path):
                                                           for m in ("dp-fedavg", "ppsgd", "centaur")]
     assert rows[0]["noise_multiplier"] > 5  # the paper's budget (epsilon 4 over 200 rounds) needs heavy noise
     assert "| dp-fedavg |" in (out / "table.md").read_text()
+
+
+def test_attack_cli_on_pfedhn_uploads(tmp_path):
+    """pFedHN: the server sees delta theta of the CNN it generated (FedAvg's threat model: labels inferred from
+    the classifier's change); pFedHN-PC: of the feature extractor, the classifier unknown to the attacker."""
+    from hyperfl_fast.attack import main
+    from hyperfl_fast.privacy import cnn_scenario
+
+    torch.manual_seed(0)
+    model = TargetCNN(SPEC)
+    x, y = torch.randn(2, 1, 12, 12), torch.tensor([3, 1])
+    scenario = cnn_scenario("pfedhn-pc", model, x, y, LocalTraining(1))
+    assert len(scenario.observed) == 4 and set(scenario.unknowns.init) == {"fc2.weight", "fc2.bias"}
+    out = tmp_path / "attack"
+    assert main(["--dataset", "synthetic", "--iterations", "2", "--method", "pfedhn", "pfedhn-pc",
+                 "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["pfedhn", "pfedhn-pc"]
+    assert "labels_inferred" in rows[0] and "labels_inferred" not in rows[1]

@@ -43,3 +43,17 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["engine"]
     torch.testing.assert_close(sa["global"], sb["global"])  # the server's hypernetwork
     torch.testing.assert_close(sa["clients"], sb["clients"])  # every client's embedding and classifier
+
+
+def test_the_100_client_setting_samples_30_clients_a_round(tmp_path):
+    """The paper's 100-client columns: --clients 100 --frac 0.3 trains 30 clients each round (classes that run
+    out start over, as the authors' partition does, instead of stopping the run)."""
+    from hyperfl_fast.config import Config
+
+    cfg = Config(dataset="synthetic", method="hyperfl", clients=100, frac=0.3, rounds=2, local_epochs=1,
+                 batch_size=20, local_size=20, test_size=10, device="cpu", output_dir=str(tmp_path))
+    lines = []
+    result = run(cfg, log=lines.append)
+    sampled = [[c["client"] for c in r["clients"]] for r in result.rounds]
+    assert [len(s) for s in sampled] == [30, 30] and sampled[0] != sampled[1]
+    assert all(0 <= c < 100 for s in sampled for c in s)

@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from ..config import ConfigError
 from ..dp import ClientPrivacy
-from ..federation import build_clients, load_partition
+from ..federation import accuracy, build_clients, load_partition
 from ..methods import get_method
 from .settings import refuse_keyed_noise, settings_from_run_config
 
@@ -98,11 +98,13 @@ def client_round(context: Context, global_state: dict, server_round: int) -> tup
     return {k: t.cpu() for k, t in update.upload.items()}, metrics
 
 
-def client_evaluation(context: Context, global_state: dict) -> dict:
-    """This node's figures with the new global state: its test accuracy with its private part."""
+def client_evaluation(context: Context, received: dict) -> dict:
+    """This node's figures with what the server sent after aggregating (the global state, or what it generated
+    for this node): its test accuracy with its private part."""
     settings, spec, data, initial = client_of(context)
-    acc = get_method(settings.cfg.method).global_accuracy(spec, global_state, private_state(context, initial), data)
-    return {"num-examples": len(data.test_y), "partition-id": data.client_id, "global-acc": acc}
+    model = get_method(settings.cfg.method).predict(spec, received, private_state(context, initial))
+    return {"num-examples": len(data.test_y), "partition-id": data.client_id,
+            "global-acc": accuracy(model, data.test_x, data.test_y)}
 
 
 AGGREGATION_METRICS = ("num-examples", "partition-id")  # all a DP client sends besides its upload, by default
@@ -127,6 +129,14 @@ def train(msg: Message, context: Context) -> Message:
     if upload:
         content["arrays"] = ArrayRecord(upload)
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (client) this node holds: a server that sends every client its own
+    weights (pFedHN) addresses its messages by it."""
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": client_of(context)[2].client_id})}),
+                   reply_to=msg)
 
 
 @app.evaluate()

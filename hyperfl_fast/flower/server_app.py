@@ -32,7 +32,7 @@ from logging import INFO
 from typing import Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -75,6 +75,8 @@ class UploadAuditingFedAvg(FedAvg):
                          evaluate_metrics_aggr_fn=mean_metrics)
         self.settings, self.cfg, self.upload_keys, self.on_upload = settings, settings.cfg, upload_keys, on_upload
         self.method = method or get_method(settings.cfg.method)
+        self.spec = cnn_spec(*DATASET_SHAPES[settings.cfg.dataset])
+        self.partitions: dict[int, int] = {}  # node id -> partition id (methods that send each client its own part)
         self.current: dict[str, torch.Tensor] = {}  # the global state sent this round
         # DP methods: each client's privacy accounting, kept by the server from what it sees (data size, rounds)
         self.privacy: dict[int, ClientPrivacy] = {}
@@ -87,7 +89,38 @@ class UploadAuditingFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.started, self.trained, self.failed = time.perf_counter(), {}, []
         self.current = arrays.to_torch_state_dict()
-        return super().configure_train(server_round, arrays, config, grid)
+        return self.addressed(super().configure_train(server_round, arrays, config, grid), grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        self.current = arrays.to_torch_state_dict()  # the aggregated state
+        return self.addressed(super().configure_evaluate(server_round, arrays, config, grid), grid)
+
+    def addressed(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
+        """The messages as they leave: for a method whose server sends every client its own part
+        (:meth:`~hyperfl_fast.methods.Method.send`: pFedHN's generated weights), each node's message carries only
+        what was made for its partition (asked once per node with a query message); otherwise unchanged."""
+        messages = list(messages)
+        if not self.method.sends_per_client:
+            return messages
+        unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.partitions]
+        if unknown:
+            asked = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                             message_type=MessageType.QUERY) for node in unknown]
+            for reply in grid.send_and_receive(asked, timeout=self.settings.round_timeout):
+                if not reply.has_error():
+                    self.partitions[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+        addressed = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in self.partitions:
+                self.failed.append(f"node {node} did not say which partition it holds; left out")
+                continue
+            sent = self.method.send(self.spec, self.current, self.partitions[node])
+            content = RecordDict({"arrays": ArrayRecord({k: t.contiguous() for k, t in sent.items()}),
+                                  "config": msg.content["config"]})
+            addressed.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
+        return addressed
 
     def _check_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
         """The replies that carry results; failures (errors, timeouts, foreign arrays) are logged and counted."""
@@ -117,7 +150,7 @@ class UploadAuditingFedAvg(FedAvg):
         # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which reply came first
         good = sorted(self._check_replies(server_round, replies, "train"),
                       key=lambda msg: int(msg.content["metrics"]["partition-id"]))
-        uploads, weights = [], []
+        uploads, weights, senders = [], [], []
         for msg in good:
             metrics = msg.content["metrics"]
             pid = int(metrics["partition-id"])
@@ -127,6 +160,7 @@ class UploadAuditingFedAvg(FedAvg):
             if upload:
                 uploads.append(upload)
                 weights.append(int(metrics[self.weighted_by_key]))
+                senders.append(pid)
             if self.method.dp:  # one more round of DP-SGD steps for this client
                 if pid not in self.privacy:
                     self.privacy[pid] = ClientPrivacy.from_config([int(metrics[self.weighted_by_key])], self.cfg, pid)
@@ -141,7 +175,7 @@ class UploadAuditingFedAvg(FedAvg):
         metrics = mean_metrics([m.content for m in good], self.weighted_by_key)
         if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
             return None, metrics
-        return ArrayRecord(self.method.aggregate(self.current, uploads, weights)), metrics
+        return ArrayRecord(self.method.aggregate(self.current, uploads, weights, senders)), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         good = self._check_replies(server_round, replies, "evaluate")
@@ -178,7 +212,9 @@ def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook |
     check_writable(settings.output_dir)
     shared = initial_global_state(cfg)
     method = get_method(cfg.method)
-    strategy = UploadAuditingFedAvg(settings, set(shared), on_upload, method)
+    # a client uploads (the change of) what it received: the global state, or what was generated for it
+    upload_keys = set(method.send(cnn_spec(*DATASET_SHAPES[cfg.dataset]), shared, 0))
+    strategy = UploadAuditingFedAvg(settings, upload_keys, on_upload, method)
 
     def save_global(server_round: int, arrays: ArrayRecord) -> None:
         if server_round:  # the engines' layout; the clients' private states stay on their SuperNodes

@@ -102,7 +102,9 @@ class Method(ABC):
     supports: ClassVar[frozenset[str]] = frozenset()  # of FEATURES
     threat: ClassVar[str | None] = None  # the attack CLI's threat model for its upload (with ATTACK)
     step_flags: ClassVar[tuple[str, ...]] = ("lr",)  # the settings to lower when its training diverges
-    paper: ClassVar[dict[str, float]] = {}  # Table 1 (20 clients, 200 rounds): its figure by dataset
+    # the paper's Table 1 (200 rounds): its figure by dataset and clients (20: all train; 100: 30 sampled a round)
+    paper: ClassVar[dict[str, dict[int, float]]] = {}
+    paper_seconds_per_round: ClassVar[float | None] = None  # Table 4: EMNIST, 20 clients, the authors' GPU
     lockstep: ClassVar[type]  # its engine that trains every sampled client at once (an Engine)
 
     @abstractmethod
@@ -112,20 +114,33 @@ class Method(ABC):
     @abstractmethod
     def client_update(self, spec: CNNSpec, global_state: State, private: State, data: ClientData, cfg,
                       round_idx: int, noise: ClientNoise | None = None) -> ClientUpdate:
-        """One client's local training in round ``round_idx``, starting from the received ``global_state``."""
+        """One client's local training in round ``round_idx``, starting from what it received (``global_state``:
+        :meth:`send`'s result)."""
 
     @abstractmethod
     def predict(self, spec: CNNSpec, global_state: State, private: State) -> torch.nn.Module:
-        """The model a client would use with the global state and its private part (images -> logits); it shares
-        their tensors (no copies), so it is for evaluation, not training."""
+        """The model a client would use with what it received (:meth:`send`'s result) and its private part
+        (images -> logits); it shares their tensors (no copies), so it is for evaluation, not training."""
 
-    def aggregate(self, global_state: State, uploads: list[State], weights: list[float]) -> State:
-        """The server's new state: the uploads averaged by ``weights`` (data sizes)."""
+    @property
+    def sends_per_client(self) -> bool:
+        """Whether the server sends each client something of its own (:meth:`send` is overridden)."""
+        return type(self).send is not Method.send
+
+    def send(self, spec: CNNSpec, global_state: State, cid: int) -> State:
+        """What the server sends client ``cid`` at the start of a round: by default the global state itself
+        (a method whose server holds per-client parts, like pFedHN's embeddings, sends only that client's)."""
+        return global_state
+
+    def aggregate(self, global_state: State, uploads: list[State], weights: list[float], cids: list[int]) -> State:
+        """The server's new state from the uploads of clients ``cids`` (in that order): by default their
+        average weighted by ``weights`` (data sizes)."""
         return {**global_state, **weighted_average(uploads, weights)} if uploads else global_state
 
-    def global_accuracy(self, spec: CNNSpec, global_state: State, private: State, data: ClientData) -> float:
-        """A client's test accuracy with the global state and its private part."""
-        return accuracy(self.predict(spec, global_state, private), data.test_x, data.test_y)
+    def global_accuracy(self, spec: CNNSpec, global_state: State, private: State, data: ClientData,
+                        cid: int) -> float:
+        """Client ``cid``'s test accuracy with what the server would send it now and its private part."""
+        return accuracy(self.predict(spec, self.send(spec, global_state, cid), private), data.test_x, data.test_y)
 
 
 REGISTRY: dict[str, Method] = {}

@@ -23,7 +23,13 @@ class DPFedAvg(FedAvg):
     threat = "dp-full-model"
     step_flags = ("lr", "dp_clip")
     dp_guarantee = "record-level: every DP-SGD step of the whole CNN, which is all that leaves a client"
-    paper = {}
+    paper = {  # Table 1
+        "emnist": {20: 35.12, 100: 45.73},
+        "fmnist": {20: 59.88, 100: 68.29},
+        "cifar10": {20: 29.12, 100: 32.03},
+        "cinic10": {20: 27.30, 100: 29.94},
+    }
+    paper_seconds_per_round = 194
 
     def train(self, model, data, cfg, round_idx, noise):
         optimizer = sgd(model.parameters(), cfg, cfg.lr)

@@ -14,7 +14,12 @@ class Local(Method):
     headline = "local_acc"
     uploads = ""
     keeps = "its whole CNN"
-    paper = {"fmnist": 85.93}
+    paper = {  # Table 1
+        "emnist": {20: 73.41, 100: 75.68},
+        "fmnist": {20: 85.93, 100: 87.01},
+        "cifar10": {20: 65.47, 100: 66.11},
+        "cinic10": {20: 63.60, 100: 64.84},
+    }
     lockstep = LocalLockstep
 
     def init_states(self, spec, num_clients, cfg, device):

@@ -11,7 +11,7 @@ The command line is ``python -m hyperfl_fast.attack``.
 """
 from .attacks import AttackBudget, LocalTraining, reconstruct
 from .metrics import match_to_ground_truth, psnr, ssim
-from .threats import dp_scenario, fedavg_scenario, hyperfl_scenario
+from .threats import cnn_scenario, fedavg_scenario, hyperfl_scenario
 
-__all__ = ["AttackBudget", "LocalTraining", "dp_scenario", "fedavg_scenario", "hyperfl_scenario",
+__all__ = ["AttackBudget", "LocalTraining", "cnn_scenario", "fedavg_scenario", "hyperfl_scenario",
            "match_to_ground_truth", "psnr", "reconstruct", "ssim"]

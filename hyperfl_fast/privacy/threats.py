@@ -11,6 +11,9 @@ produced by that client's local training on a private batch (x, y).
   the noise, and simulates the noiseless clipped update; for ``ppsgd`` and
   ``centaur`` only the representation is uploaded and the client's classifier
   is unknown (optimised with the images, like HyperFL's variant a).
+- ``pfedhn``: the server generated the client's whole CNN and sees its change: FedAvg's threat model;
+  ``pfedhn-pc``: it generated the feature extractor and sees its change, the client's classifier unknown (as
+  PPSGD's and CENTAUR's, without the noise).
 - ``hyperfl``: the upload is the hypernetwork's gradient / update (psi only);
   the client's embedding v and classifier phi are private.
   * ``a`` (IG, unknown private parts): dummy images, embedding, classifier and
@@ -79,24 +82,28 @@ def fedavg_scenario(model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training
                     {"labels_inferred": labels.tolist()})
 
 
-# --------------------------------------------------------------------------- DP baselines
+# --------------------------------------------------------------------------- DP baselines, pFedHN-PC
 
-DP_THREATS = ("dp-full-model", "dp-representation")  # the threat models (Method.threat) of DP-SGD uploads
+# the threat models (Method.threat) of a shared CNN trained by the client: with DP-SGD, the whole CNN
+# (DP-FedAvg) or the representation (PPSGD, CENTAUR), or without noise the representation (pFedHN-PC)
+CNN_THREATS = ("dp-full-model", "dp-representation", "representation")
 
 
-def dp_scenario(method: str, model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
-                seed: int = 0) -> Scenario:
-    """A DP-SGD client's noised upload (``training.dp_clip``, ``training.dp_sigma``) as ``method`` declares it
-    (:attr:`~hyperfl_fast.methods.Method.threat`): the whole CNN (``dp-full-model``: DP-FedAvg) or the
-    representation with the classifier private (``dp-representation``: PPSGD, CENTAUR)."""
+def cnn_scenario(method: str, model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
+                 seed: int = 0) -> Scenario:
+    """A client's upload of the CNN it trained, as ``method`` declares it
+    (:attr:`~hyperfl_fast.methods.Method.threat`): noised with DP-SGD (``training.dp_clip``, ``training.dp_sigma``)
+    for the whole CNN (``dp-full-model``: DP-FedAvg) or the representation with the classifier private
+    (``dp-representation``: PPSGD, CENTAUR), or the representation without noise (``representation``: pFedHN-PC,
+    whose server generated the feature extractor and sees its change)."""
     from ..methods import METHODS
 
     threat = METHODS[method].threat if method in METHODS else None
-    if threat not in DP_THREATS:
-        names = [name for name, m in METHODS.items() if m.threat in DP_THREATS]
-        raise ValueError(f"unknown DP method {method!r}; choose one of {', '.join(names)}")
+    if threat not in CNN_THREATS:
+        names = [name for name, m in METHODS.items() if m.threat in CNN_THREATS]
+        raise ValueError(f"unknown method {method!r} for this threat model; choose one of {', '.join(names)}")
     params = {k: t.detach() for k, t in model.named_parameters()}
-    classifier = {k: params.pop(k) for k in ("fc2.weight", "fc2.bias")} if threat == "dp-representation" else {}
+    classifier = {k: params.pop(k) for k in ("fc2.weight", "fc2.bias")} if threat != "dp-full-model" else {}
     names = list(params)  # what is uploaded
 
     def loss_fn(p: Params, images, targets):
@@ -111,8 +118,8 @@ def dp_scenario(method: str, model: TargetCNN, x: torch.Tensor, y: torch.Tensor,
         upload = local_update(loss_fn, params, extras, images, targets, training, create_graph=True)
         return [upload[k] for k in names]
 
-    return Scenario(method, simulate, [observed[k].detach() for k in names], None, unknowns,
-                    {"noise_multiplier": training.dp_sigma, "dp_clip": training.dp_clip})
+    diagnostics = {"noise_multiplier": training.dp_sigma, "dp_clip": training.dp_clip} if training.dp_clip else {}
+    return Scenario(method, simulate, [observed[k].detach() for k in names], None, unknowns, diagnostics)
 
 
 # --------------------------------------------------------------------------- HyperFL

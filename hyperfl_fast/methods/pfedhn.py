@@ -1,0 +1,307 @@
+"""pFedHN and pFedHN-PC (Shamsian et al., ICML 2021): the server's hypernetwork generates each client's model.
+
+The server holds the hypernetwork psi and one embedding e_i per client; neither ever leaves it.  A round:
+
+1. for each sampled client i the server generates theta_i = h(e_i; psi) and sends it: ``pfedhn`` the whole
+   CNN, ``pfedhn-pc`` the feature extractor only (the client keeps a private classifier, as in pFedHN-PC);
+2. the client trains theta_i (and its classifier) for ``local_epochs`` epochs and uploads the change
+   delta theta_i = theta_i - theta~_i;
+3. for each upload in turn the server takes one SGD step on (psi, e): the gradient is the vector-Jacobian
+   product (d theta_i / d(psi, e))^T delta theta_i at the psi that generated theta_i, clipped to
+   ``--grad-clip``.  The server's optimizer (momentum) lives for the whole run.
+
+Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, unless stated):
+
+- client optimizer: SGD, lr 5e-3, momentum 0.9, weight decay 5e-5 (``--inner-lr``, ``--inner-wd``), gradient
+  norm clipped to 50; pFedHN-PC's classifier: the same SGD, without clipping, its momentum kept between rounds
+  (pFedHN-PC's per-node optimizer).  These are fixed (:data:`SETTINGS`): ``--lr``, ``--momentum``,
+  ``--weight-decay`` and ``--grad-clip`` are the other methods' settings;
+- server optimizer: SGD, lr 1e-2 for psi and the embeddings, momentum 0.9, weight decay 1e-3 (``--lr``,
+  ``--embed-lr``, ``--wd``), gradient norm of (psi, all embeddings) clipped to 50;
+- local training: ``--local-epochs`` epochs of ``--batch-size`` batches, the setting the HyperFL paper uses for
+  every method (pFedHN samples 50 batches of 64 with replacement);
+- rounds: the sampled clients train in parallel from the round's psi (HyperFL's federated rounds); the server
+  steps once per client (pFedHN's one step per client), in the sampled order, so 200 rounds of 20 clients take
+  4,000 server steps (pFedHN: 5,000);
+- the hypernetwork is this package's (``--embed-dim`` 64, ``--hidden-dim`` 128, one hidden layer with ReLU,
+  then one linear head per tensor), so the lockstep engine generates every sampled client's weights with the
+  package's generation op; pFedHN's own has 3 hidden layers of 100 units and embeddings of 1 + N/4;
+- the embeddings are drawn N(0, 1) per client (``nn.Embedding``); pFedHN-PC's classifiers follow
+  ``--client-init``; uploads are not weighted by data size (one server step per client).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import Config
+from ..engines import Engine
+from ..federation import ClientData, ClientResult, accuracy
+from ..lockstep.data import RoundSchedule, StackedData
+from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
+from ..lockstep.optim import StackedSGD
+from ..models import CNNSpec, HyperNetwork, join_flat, split_flat
+from .base import ATTACK, ClientUpdate, Method, State, detached, register
+from .full_model import cnn_from
+
+HYPER_KEYS = ("fc.weight", "fc.bias", "heads.weight", "heads.bias")
+SERVER_KEYS = HYPER_KEYS + ("embeddings",)  # the server's parameters; each has a momentum buffer "momentum.<key>"
+CLASSIFIER_KEYS = ("fc2.weight", "fc2.bias")  # pfedhn-pc: private, with "momentum.<key>"
+
+
+@dataclass(frozen=True)
+class PFedHNSettings:
+    """pFedHN's optimizer settings (its code's defaults; see the module docs)."""
+
+    client_lr: float = 5e-3
+    client_momentum: float = 0.9
+    client_weight_decay: float = 5e-5
+    server_lr: float = 1e-2
+    server_momentum: float = 0.9
+    server_weight_decay: float = 1e-3
+    grad_clip: float = 50.0  # the client's and the server's gradient norm bound
+
+
+SETTINGS = PFedHNSettings()
+
+
+def momentum_key(key: str) -> str:
+    return f"momentum.{key}"
+
+
+def generate(server: State, embeddings: torch.Tensor) -> torch.Tensor:
+    """theta = heads(ReLU(fc(e))) for embeddings (..., E): (..., P).  Plain torch: the reference path."""
+    hidden = F.relu(F.linear(embeddings, server["fc.weight"], server["fc.bias"]))
+    return F.linear(hidden, server["heads.weight"], server["heads.bias"])
+
+
+def client_sgd(params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=SETTINGS.client_lr, momentum=SETTINGS.client_momentum,
+                           weight_decay=SETTINGS.client_weight_decay)
+
+
+def server_steps(server: State, grads: list[dict[str, torch.Tensor]]) -> State:
+    """The server's SGD steps, one per client gradient in turn (clipped over all of its tensors), with
+    the momentum buffers the state carries; returns the new state.  ``torch.optim.SGD``: the reference path."""
+    params = {k: torch.nn.Parameter(server[k].detach().clone()) for k in SERVER_KEYS}
+    optimizer = torch.optim.SGD(list(params.values()), lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
+                                weight_decay=SETTINGS.server_weight_decay)
+    for k, p in params.items():  # a zero buffer gives SGD's first step (buf = d) exactly
+        optimizer.state[p]["momentum_buffer"] = server[momentum_key(k)].detach().clone()
+    for grad in grads:
+        for k, p in params.items():
+            p.grad = grad[k]
+        torch.nn.utils.clip_grad_norm_(list(params.values()), SETTINGS.grad_clip)
+        optimizer.step()
+    return {**{k: p.detach() for k, p in params.items()},
+            **{momentum_key(k): optimizer.state[p]["momentum_buffer"] for k, p in params.items()}}
+
+
+class PFedHNLockstep(Engine):
+    """pFedHN in lockstep: the results of :meth:`PFedHN.client_update` and :meth:`PFedHN.aggregate` client by
+    client.  The package's generation op makes every sampled client's theta at once; the clients train as
+    stacked tensors; the server's per-client gradients come in closed form (each head's gradient is the outer
+    product delta_theta h^T, never formed for all clients at once) and its steps run one client after another."""
+
+    def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
+        super().__init__(method, spec, clients, cfg)
+        self.data = StackedData(clients)
+        self.server, privates = method.init_states(spec, len(clients), cfg, device)
+        self.shapes = method.generated_shapes(spec)
+        # pfedhn-pc: every client's private classifier and its momentum (Nc, K, D), (Nc, K)
+        self.private = {k: torch.stack([p[k] for p in privates]) for k in privates[0]}
+
+    def generate(self, idx: torch.Tensor) -> torch.Tensor:
+        """theta (N, P) of clients ``idx`` from the server's current state, with the generation op."""
+        s = self.server
+        return ops.generate_weights(s["embeddings"][idx], s["fc.weight"], s["fc.bias"], s["heads.weight"],
+                                    s["heads.bias"])
+
+    def run_round(self, round_idx: int, sampled: list[int],
+                  progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
+        cfg, n = self.cfg, len(sampled)
+        idx = torch.tensor(sampled, device=self.data.train_y.device)
+        theta = self.generate(idx)  # 1. what the server sends: (N, P)
+        sent = {k: t.clone() for k, t in split_flat(theta, self.shapes).items()}
+        head = {k: self.private[k][idx].clone() for k in CLASSIFIER_KEYS if k in self.private}
+        theta_sgd = StackedSGD(list(sent.values()), SETTINGS.client_lr, SETTINGS.client_momentum,
+                               SETTINGS.client_weight_decay)
+        head_sgd = StackedSGD(list(head.values()), SETTINGS.client_lr, SETTINGS.client_momentum,
+                              SETTINGS.client_weight_decay)
+        head_sgd.bufs = [self.private[momentum_key(k)][idx].clone() for k in head]  # kept between rounds
+        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs))
+        for epoch in progress(range(cfg.local_epochs)):  # 2. local training
+            loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
+            for batch in schedule.batches(epoch):
+                leaves = {k: t.clone().requires_grad_() for k, t in {**sent, **head}.items()}
+                losses = client_losses(cnn_logits(batch.x, leaves, self.spec), batch)
+                grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
+                norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[k].flatten(1), dim=1)
+                                                              for k in sent]), dim=0)  # (N,)
+                scale = (SETTINGS.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_ per client
+                theta_sgd.step([grads[k] * scale.view(-1, *[1] * (grads[k].dim() - 1)) for k in sent], batch.active)
+                if head:
+                    head_sgd.step([grads[k] for k in head], batch.active)
+                loss_sum += losses.detach() * batch.nonempty
+                loss_count += batch.nonempty
+        train_loss = loss_sum / loss_count.clamp(min=1)
+        local_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, {**sent, **head}, self.spec))
+        for k in head:
+            self.private[k][idx], self.private[momentum_key(k)][idx] = head[k], head_sgd.bufs[list(head).index(k)]
+
+        delta = theta - join_flat(sent, self.shapes, lead=1)  # the uploads: (N, P)
+        self.server_update(idx, delta.detach())  # 3.
+        with torch.no_grad():
+            generated = split_flat(self.generate(idx), self.shapes)
+        global_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, {**generated, **head}, self.spec))
+        return client_results(sampled, train_loss, local_acc, global_acc)
+
+    @torch.no_grad()
+    def server_update(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        """One server step per client (in ``idx``'s order) with the gradient J^T delta at the round's psi.
+
+        For theta = W2 ReLU(W1 e + b1) + b2: dW2 = delta h^T, db2 = delta, dh = (W2^T delta) * [W1 e + b1 > 0],
+        dW1 = dh e^T, db1 = dh, de = W1^T dh; the norm of the rank-one products is the product of the norms.
+        """
+        s, lr, mu, wd = self.server, SETTINGS.server_lr, SETTINGS.server_momentum, SETTINGS.server_weight_decay
+        e = s["embeddings"][idx]  # (N, E), the round's
+        pre = F.linear(e, s["fc.weight"], s["fc.bias"])  # (N, H)
+        h = F.relu(pre)
+        dh = (delta @ s["heads.weight"]) * (pre > 0)  # (N, H)
+        de = dh @ s["fc.weight"]  # (N, E)
+        sq = delta.pow(2).sum(1)
+        norms = (sq * (h.pow(2).sum(1) + 1) + dh.pow(2).sum(1) * (e.pow(2).sum(1) + 1) + de.pow(2).sum(1)).sqrt()
+        scale = (SETTINGS.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # (N,)
+        for k, cid in enumerate(idx.tolist()):
+            c = scale[k]
+            outer = {"heads.weight": (delta[k], h[k]), "fc.weight": (dh[k], e[k])}
+            vector = {"heads.bias": delta[k], "fc.bias": dh[k]}
+            for key in SERVER_KEYS:
+                w, buf = s[key], s[momentum_key(key)]
+                buf.mul_(mu).add_(w, alpha=wd)
+                if key in outer:
+                    buf.addr_(*outer[key], alpha=c)
+                elif key in vector:
+                    buf.add_(vector[key] * c)
+                else:  # the embeddings: only client cid's row has a gradient; weight decay reaches every row
+                    buf[cid].add_(de[k] * c)
+                w.add_(buf, alpha=-lr)
+
+    def global_state(self) -> State:
+        """The server's hypernetwork, embeddings and momentum buffers."""
+        return self.server
+
+    def client_state(self, cid: int) -> State:
+        """pfedhn-pc: client ``cid``'s classifier and its momentum; pfedhn: nothing."""
+        return {k: t[cid] for k, t in self.private.items()}
+
+    def load_states(self, global_state: State, client_states: list[State]) -> None:
+        self.server = {k: t.clone() for k, t in global_state.items()}
+        for k in self.private:
+            self.private[k].copy_(torch.stack([c[k] for c in client_states]))
+
+
+@register
+class PFedHN(Method):
+    name = "pfedhn"
+    paper_row = 2
+    headline = "global_acc"  # pFedHN evaluates the model the hypernetwork generates for each client
+    uploads = "the change of the CNN the server generated for it (delta theta)"
+    keeps = ""  # its embedding lives on the server
+    supports = frozenset({ATTACK})
+    threat = "full-model"  # the server knows theta_i (it generated it) and sees its change
+    step_flags = ("local_epochs",)  # its optimizer settings are fixed (SETTINGS)
+    paper = {  # Table 1
+        "emnist": {20: 80.86, 100: 77.37},
+        "fmnist": {20: 87.64, 100: 89.80},
+        "cifar10": {20: 70.18, 100: 80.07},
+        "cinic10": {20: 63.88, 100: 70.36},
+    }
+    lockstep = PFedHNLockstep
+
+    def generated_shapes(self, spec: CNNSpec) -> list[tuple[str, tuple[int, ...]]]:
+        """What the hypernetwork generates: the whole CNN."""
+        return spec.cnn_shapes()
+
+    def init_private(self, spec: CNNSpec, num_clients: int, cfg: Config, device: torch.device) -> list[State]:
+        return [{} for _ in range(num_clients)]
+
+    def init_states(self, spec, num_clients, cfg, device):
+        hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim,
+                                sum(math.prod(shape) for _, shape in self.generated_shapes(spec)))
+        server = {**detached(hypernet.to(device)), "embeddings": torch.randn(num_clients, cfg.embed_dim).to(device)}
+        server.update({momentum_key(k): torch.zeros_like(server[k]) for k in SERVER_KEYS})
+        return server, self.init_private(spec, num_clients, cfg, device)
+
+    def send(self, spec, global_state, cid):
+        """theta_cid = h(e_cid; psi) as named tensors: all the client receives."""
+        theta = generate(global_state, global_state["embeddings"][cid])
+        return split_flat(theta.detach(), self.generated_shapes(spec))
+
+    def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
+        model = cnn_from(spec, {**global_state, **{k: private[k] for k in CLASSIFIER_KEYS if k in private}})
+        trained = [p for k, p in model.named_parameters() if k in global_state]
+        optimizers = [client_sgd(trained)]
+        head = [p for k, p in model.named_parameters() if k not in global_state]  # pfedhn-pc: its classifier
+        if head:
+            optimizers.append(client_sgd(head))
+            for p, k in zip(head, CLASSIFIER_KEYS):  # its momentum, kept between rounds
+                optimizers[1].state[p]["momentum_buffer"] = private[momentum_key(k)].clone()
+        for epoch in range(cfg.local_epochs):
+            losses = []
+            for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch):
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trained, SETTINGS.grad_clip)
+                for optimizer in optimizers:
+                    optimizer.step()
+                losses.append(loss.item())
+        state = detached(model)
+        upload = {k: global_state[k] - state[k] for k in global_state}  # delta theta
+        private = {**{k: state[k] for k in CLASSIFIER_KEYS if k in private},
+                   **{momentum_key(k): optimizers[-1].state[p]["momentum_buffer"].clone()
+                      for p, k in zip(head, CLASSIFIER_KEYS)}}
+        return ClientUpdate(upload, private, sum(losses) / len(losses), accuracy(model, data.test_x, data.test_y))
+
+    def aggregate(self, global_state, uploads, weights, cids):
+        """Each upload's gradient J^T delta at the received psi (autograd), then one server step each."""
+        grads = []
+        for upload, cid in zip(uploads, cids):
+            leaves = {k: global_state[k].detach().clone().requires_grad_() for k in SERVER_KEYS}
+            theta = generate(leaves, leaves["embeddings"][cid])
+            delta = torch.cat([t.flatten() for t in upload.values()])  # in theta's order, as sent
+            grads.append(dict(zip(SERVER_KEYS, torch.autograd.grad(theta, list(leaves.values()), delta))))
+        return server_steps(global_state, grads) if grads else global_state
+
+    def predict(self, spec, global_state, private):
+        return cnn_from(spec, {**global_state, **{k: private[k] for k in CLASSIFIER_KEYS if k in private}},
+                        copy=False)
+
+
+@register
+class PFedHNPC(PFedHN):
+    name = "pfedhn-pc"
+    paper_row = 2  # listed after pFedHN (Table 1 has no pFedHN-PC row; the sort keeps registration order)
+    headline = "global_acc"
+    uploads = "the change of the feature extractor the server generated for it"
+    keeps = "its classifier"
+    threat = "representation"  # the server knows the feature extractor it sent, not the classifier
+    paper = {}  # Table 1 has no pFedHN-PC row (Table 3 does)
+
+    def generated_shapes(self, spec):
+        """What the hypernetwork generates: the feature extractor (theta, as HyperFL's)."""
+        return spec.feature_shapes()
+
+    def init_private(self, spec, num_clients, cfg, device):
+        draws = [torch.nn.Linear(spec.hidden, spec.num_classes).to(device)
+                 for _ in range(1 if cfg.client_init == "shared" else num_clients)]
+        classifiers = [draws[0 if len(draws) == 1 else i] for i in range(num_clients)]
+        return [{**detached(c, "fc2."), **{momentum_key(f"fc2.{k}"): torch.zeros_like(t)
+                                           for k, t in c.state_dict().items()}} for c in classifiers]

@@ -1,0 +1,94 @@
+"""pFedHN and pFedHN-PC: the server's update is pFedHN's, and the clients upload only delta theta."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from hyperfl_fast.config import Config
+from hyperfl_fast.engines import build_batched, build_reference
+from hyperfl_fast.methods.pfedhn import SETTINGS
+from hyperfl_fast.models import HyperNetwork, TargetCNN
+from hyperfl_fast.runner import run
+
+from conftest import tiny_model
+
+
+def pfedhn_by_hand(spec, client, cid, server, steps_per_epoch_batches):
+    """pFedHN's round for one client, written from the paper's algorithm with modules: the server's hypernetwork
+    and nn.Embedding generate the client's CNN, the client takes SGD steps on it, delta theta = theta - theta~,
+    the gradient of (psi, embeddings) is the vector-Jacobian product of delta theta, clipped, and one server SGD
+    step with momentum follows.  Returns the new server tensors."""
+    hypernet = HyperNetwork(server["fc.weight"].shape[1], server["fc.weight"].shape[0], server["heads.bias"].numel())
+    hypernet.load_state_dict({k: server[k] for k in ("fc.weight", "fc.bias", "heads.weight", "heads.bias")})
+    table = torch.nn.Embedding.from_pretrained(server["embeddings"].clone(), freeze=False)
+    theta = hypernet(table(torch.tensor(cid)))  # (P,)
+    names = [name for name, _ in spec.cnn_shapes()]
+    sizes = [t.numel() for t in TargetCNN(spec).parameters()]
+    start = dict(zip(names, (piece.detach().clone() for piece in theta.split(sizes))))
+    cnn = TargetCNN(spec)
+    weights = {k: torch.nn.Parameter(t.clone().view_as(dict(cnn.named_parameters())[k])) for k, t in start.items()}
+    inner = torch.optim.SGD(list(weights.values()), lr=SETTINGS.client_lr, momentum=SETTINGS.client_momentum,
+                            weight_decay=SETTINGS.client_weight_decay)
+    for x, y in steps_per_epoch_batches:
+        inner.zero_grad()
+        F.cross_entropy(functional_call(cnn, weights, (x,)), y).backward()
+        torch.nn.utils.clip_grad_norm_(list(weights.values()), SETTINGS.grad_clip)
+        inner.step()
+    delta = torch.cat([(start[k].view_as(weights[k]) - weights[k].detach()).flatten() for k in names])
+    params = list(hypernet.parameters()) + [table.weight]
+    grads = torch.autograd.grad(theta, params, delta)
+    server_opt = torch.optim.SGD(params, lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
+                                 weight_decay=SETTINGS.server_weight_decay)
+    for p, g in zip(params, grads):
+        p.grad = g
+    torch.nn.utils.clip_grad_norm_(params, SETTINGS.grad_clip)
+    server_opt.step()
+    return {**{k: t.detach() for k, t in hypernet.state_dict().items()}, "embeddings": table.weight.detach()}
+
+
+@pytest.mark.parametrize("build", [build_reference, build_batched], ids=["reference", "lockstep"])
+def test_the_server_update_is_pfedhns(build, float64):
+    spec, clients = tiny_model(clients=3, local_size=30, test_size=8)
+    for c in clients:
+        c.train_x, c.test_x = c.train_x.double(), c.test_x.double()
+    cfg = Config(dataset="synthetic", method="pfedhn", clients=3, local_epochs=2, batch_size=10, device="cpu",
+                 seed=5, embed_dim=6, hidden_dim=12)
+    engine = build(spec, clients, cfg, torch.device("cpu"))
+    before = {k: t.clone() for k, t in engine.global_state().items()}
+    engine.run_round(0, [1])
+    batches = [b for epoch in range(2) for b in clients[1].batches(10, cfg.seed, 0, epoch)]
+    want = pfedhn_by_hand(spec, clients[1], 1, before, batches)
+    got = engine.global_state()
+    for key, tensor in want.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-9, atol=1e-12)
+        assert not torch.equal(tensor, before[key])  # every server tensor moved (weight decay reaches all rows)
+    torch.testing.assert_close(got["momentum.heads.weight"], (before["heads.weight"] - want["heads.weight"])
+                               / SETTINGS.server_lr, rtol=1e-9, atol=1e-12)  # the first step: w -= lr * buf
+
+
+def test_pfedhn_pc_uploads_no_classifier(tiny_config):
+    from hyperfl_fast.methods import get_method
+
+    spec, clients = tiny_model(clients=2, local_size=20)
+    method = get_method("pfedhn-pc")
+    cfg = dataclasses.replace(tiny_config, method="pfedhn-pc", clients=2)
+    server, privates = method.init_states(spec, 2, cfg, torch.device("cpu"))
+    sent = method.send(spec, server, 0)
+    assert list(sent) == [name for name, _ in spec.feature_shapes()]  # the feature extractor only
+    update = method.client_update(spec, sent, privates[0], clients[0], cfg, 0)
+    assert set(update.upload) == set(sent) and not any(k.startswith("fc2") for k in update.upload)
+    assert set(update.private) == {"fc2.weight", "fc2.bias", "momentum.fc2.weight", "momentum.fc2.bias"}
+    assert not torch.equal(update.private["fc2.weight"], privates[0]["fc2.weight"])  # it trained its classifier
+    assert set(get_method("pfedhn").send(spec, get_method("pfedhn").init_states(spec, 2, cfg, "cpu")[0], 1)) == \
+        {name for name, _ in spec.cnn_shapes()}  # pfedhn: the whole CNN
+
+
+@pytest.mark.parametrize("method", ["pfedhn", "pfedhn-pc"])
+def test_pfedhn_learns(method, tiny_config, tmp_path):
+    """One server step per client and round: the generated models need a few more rounds than FedAvg's."""
+    cfg = dataclasses.replace(tiny_config, method=method, rounds=8, local_epochs=2, output_dir=str(tmp_path))
+    result = run(cfg, log=lambda _: None)
+    assert result.rounds[-1]["train_loss"] < result.rounds[0]["train_loss"]
+    assert result.rounds[-1]["headline_acc"] > 40.0  # chance is 10%
