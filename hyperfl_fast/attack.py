@@ -192,15 +192,17 @@ def run_attacks(args, log=print) -> dict:
         scenarios = []  # (method, variant, scenario)
         for method in args.method:  # each method's upload, by the threat model it declares
             threat = get_method(method).threat
+            own = get_method(method).client_optimizer  # pFedHN's client SGD, where it is not the paper's
             if threat == "full-model":
-                scenarios.append((method, "", fedavg_scenario(fedavg_model, x, y, LocalTraining(steps))))
+                scenarios.append((method, "", fedavg_scenario(fedavg_model, x, y, LocalTraining(steps, **own),
+                                                              method)))
             elif threat == "hypernetwork":
                 scenarios += [(method, variant, hyperfl_scenario(spec, hypernet, embedding, classifier, x, y,
                                                                  LocalTraining(steps, clip=PAPER.grad_clip), variant))
                               for variant in args.variant]
             else:  # a CNN the client trains: noised with DP-SGD, or (pfedhn-pc) the representation as it is
                 training = LocalTraining(steps, dp_clip=args.dp_clip, dp_sigma=sigma) if get_method(method).dp \
-                    else LocalTraining(steps)
+                    else LocalTraining(steps, **own)
                 scenarios.append((method, "", cnn_scenario(method, fedavg_model, x, y, training, args.seed)))
         for method, variant, scenario in scenarios:
             log(f"attacking {scenario.name} ({setting}, {args.attack}, {args.iterations} iterations)")

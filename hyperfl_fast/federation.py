@@ -141,7 +141,7 @@ def load_partition(cfg: Config, log: Callable[[str], None] = print):
     if shared:
         log(f"note: {cfg.dataset}: {cfg.clients} clients x {local_size} samples: some classes ran out and started "
             f"over, as in the authors' partition, so {shared} of the clients' {cfg.clients * local_size} training "
-            f"samples ({100 * shared / (cfg.clients * local_size):.1f}%) are held by more than one client")
+            f"samples ({100 * shared / (cfg.clients * local_size):.1f}%) are also held by another client")
     if cfg.batch_size > local_size:
         log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
             f"each epoch is one batch of {local_size}")

@@ -90,6 +90,7 @@ def partition(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: in
 
 
 def overlap(splits: list[ClientSplit]) -> int:
-    """How many of the clients' training samples another client holds too (0: the training sets are disjoint)."""
-    held = np.concatenate([s.train for s in splits])
-    return len(held) - len(np.unique(held))
+    """How many of the training samples the clients hold are held by another client too, counting every copy
+    (0: the training sets are disjoint)."""
+    _, copies = np.unique(np.concatenate([s.train for s in splits]), return_counts=True)
+    return int(copies[copies > 1].sum())

@@ -2,16 +2,14 @@
 
 Trains every method on every dataset whose files are present (Fashion-MNIST
 always; EMNIST, CIFAR-10 and CINIC-10 when they are in ``--data-dir``; missing
-ones are listed and skipped, never downloaded), over several seeds, and writes
-to ``--output-dir``:
-
-in the paper's client settings (``--clients 20``: 20 clients, all training every
-round; ``--clients 100``: 100 clients, 30 sampled a round; ``--clients 20,100``:
-both), and writes to ``--output-dir``:
+ones are listed and skipped, never downloaded), over several seeds, in the
+paper's client settings (``--clients 20``: 20 clients, all training every
+round; ``--clients 100``: 100 clients, 30 sampled a round; ``--clients
+20,100``: both), and writes to ``--output-dir``:
 
 - ``table.md``: mean ± std over seeds of each method's headline figure (the one
   the paper reports: mean local accuracy for personalised methods, global-model
-  accuracy for FedAvg) beside the paper's figure, their difference and the
+  accuracy for FedAvg and pFedHN) beside the paper's figure, their difference and the
   seconds per run and per round; then the paper's whole Table 1 (every method
   x dataset x client setting, ours beside each figure where it was run) and
   its Table 4 (seconds per round) beside ours;

@@ -182,7 +182,7 @@ def test_the_flower_server_accounts_each_clients_epsilon_itself(tmp_path):
 
     settings = settings_from_run_config({"dataset": "synthetic", "clients": 3, "method": "dp-fedavg",
                                          "epsilon": 6.0, "rounds": 4, "min-clients": 2, "output-dir": str(tmp_path)})
-    strategy = UploadAuditingFedAvg(settings, {"w"})
+    strategy = UploadAuditingFedAvg(settings, {"w": (3,)})
     strategy.current = {"w": torch.zeros(3)}
     sizes = [60, 47, 60]
     for round_idx, pids in enumerate([[0, 1, 2], [0, 2]]):

@@ -167,7 +167,7 @@ def test_too_few_replies_stop_the_run_keeping_the_last_round(tmp_path):
 
     settings = settings_from_run_config({"dataset": "synthetic", "clients": 3, "min-clients": 2,
                                          "output-dir": str(tmp_path)})
-    strategy = UploadAuditingFedAvg(settings, {"fc.weight"})
+    strategy = UploadAuditingFedAvg(settings, {"fc.weight": (16, 64)})
     with pytest.raises(FederationError, match=r"round 2: 0 train replies of 2, fewer than min-clients=2"):
         strategy.aggregate_train(2, [])
 
@@ -189,7 +189,7 @@ def test_aggregation_does_not_depend_on_arrival_order(tmp_path):
                                                    "metrics": MetricRecord({"num-examples": 60 + 7 * pid,
                                                                             "partition-id": pid})}))
                for pid in range(3)]
-    strategy = UploadAuditingFedAvg(settings, {"w"})
+    strategy = UploadAuditingFedAvg(settings, {"w": (999,)})
     in_order = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
     reversed_order = strategy.aggregate_train(1, replies[::-1])[0].to_torch_state_dict()["w"]
     assert torch.equal(in_order, reversed_order)
@@ -285,8 +285,9 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
                                          "method": "pfedhn", "output-dir": str(tmp_path)})
     method, spec = get_method("pfedhn"), cnn_spec(1, 10)
     shared = initial_global_state(settings.cfg)
-    keys = set(method.send(spec, shared, 0))
-    strategy = UploadAuditingFedAvg(settings, keys, method=method)
+    layout = {k: tuple(t.shape) for k, t in method.send(spec, shared, 0).items()}
+    keys = set(layout)
+    strategy = UploadAuditingFedAvg(settings, layout, method=method)
     partition_of = {101: 2, 102: 0, 103: 1}
     asked = []
 
@@ -297,9 +298,11 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
         def send_and_receive(self, messages, timeout=None):
             asked.extend(m.metadata.dst_node_id for m in messages)
             assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
-            return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
-                                    content=RecordDict({"metrics": MetricRecord({"partition-id": partition_of[
-                                        m.metadata.dst_node_id]})})) for m in messages]
+            return [SimpleNamespace(has_error=lambda: False,
+                                    metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                    content=RecordDict({"metrics": MetricRecord(
+                                        {"partition-id": partition_of[m.metadata.dst_node_id]})}))
+                    for m in messages]
 
     messages = list(strategy.configure_train(1, ArrayRecord(shared), ConfigRecord({}), Grid()))
     assert sorted(asked) == sorted(partition_of) and len(messages) == 3
@@ -320,6 +323,12 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     arrays, _ = strategy.aggregate_train(1, replies)
     want = method.aggregate(shared, [uploads[p] for p in range(3)], [60] * 3, [0, 1, 2])
     assert_equal_states(arrays.to_torch_state_dict(), want)
+    liar = SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=101),
+                           content=RecordDict({"arrays": ArrayRecord(uploads[1]), "metrics": MetricRecord(
+                               {"num-examples": 60, "partition-id": 1})}))  # node 101 holds partition 2
+    strategy.min_train_nodes = 1
+    strategy.aggregate_train(1, [liar, *replies[1:]])
+    assert any("replied as partition 1, not the 2 it was sent; refused" in line for line in strategy.failed)
     asked.clear()
     evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), Grid()))
     assert not asked and {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}  # asked once

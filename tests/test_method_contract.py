@@ -21,7 +21,7 @@ def toy_method():
         name = "toy"
         paper_row = 99
         supports = frozenset({ATTACK})
-        paper = {"fmnist": 42.0}
+        paper = {"fmnist": {20: 42.0}}
 
     yield Toy
     del REGISTRY["toy"]
@@ -48,15 +48,19 @@ def test_a_declaration_that_is_incomplete_or_inconsistent_is_refused():
         @register
         class NoThreat(FedAvg):
             name, paper_row, threat = "no-threat", 98, None
+    with pytest.raises(TypeError, match="paper maps dataset -> clients -> figure"):
+        @register
+        class FlatPaper(FedAvg):
+            name, paper_row, paper = "flat-paper", 97, {"fmnist": 42.0}
     with pytest.raises(TypeError, match="two methods are called 'fedavg'"):
         register(type("Again", (FedAvg,), {}))
-    assert "no-threat" not in REGISTRY
+    assert "no-threat" not in REGISTRY and "flat-paper" not in REGISTRY
 
 
 def test_a_new_method_module_is_all_it_takes(toy_method, tmp_path, capsys):
     from hyperfl_fast import attack, reproduce, train
 
-    assert get_method("toy").paper == {"fmnist": 42.0} and list(METHODS)[-1] == "toy"
+    assert get_method("toy").paper == {"fmnist": {20: 42.0}} and list(METHODS)[-1] == "toy"
     Config(method="toy", device="cpu").validate()
     with pytest.raises(ConfigError, match="--poisson samples DP-SGD batches: it applies to dp-fedavg"):
         Config(method="toy", poisson=True, device="cpu").validate()
@@ -70,7 +74,8 @@ def test_a_new_method_module_is_all_it_takes(toy_method, tmp_path, capsys):
 
 
 def test_unknown_methods_name_the_choices():
-    with pytest.raises(ValueError, match="unknown method 'fedsgd'; choose one of local, fedavg, pfedhn, pfedhn-pc, dp-fedavg"):
+    with pytest.raises(ValueError, match="unknown method 'fedsgd'; choose one of local, fedavg, pfedhn, pfedhn-pc, "
+                                         "dp-fedavg"):
         get_method("fedsgd")
     with pytest.raises(ConfigError, match="--method: unknown method 'fedsgd'"):
         Config(method="fedsgd", device="cpu").validate()

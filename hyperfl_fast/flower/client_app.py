@@ -10,9 +10,11 @@ code, with round ``server-round - 1``, so every random draw is keyed by
 (seed, round, client, epoch) just as in-process.
 
 Replies: ``train`` sends the method's upload (HyperFL: the hypernetwork
-arrays; ``local``: none) and a MetricRecord of figures (``num-examples``
-weights the server's average); ``evaluate`` sends the client's test accuracy
-with the new global state.
+arrays; ``local``: none; pFedHN: the change of the weights it received) and a
+MetricRecord of figures (``num-examples`` weights the server's average);
+``evaluate`` sends the client's test accuracy with what the server sent after
+aggregating; ``query`` says which partition the node holds (the server sends
+pFedHN's nodes the weights generated for their partition).
 """
 from __future__ import annotations
 
@@ -135,8 +137,12 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition (client) this node holds: a server that sends every client its own
     weights (pFedHN) addresses its messages by it."""
-    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": client_of(context)[2].client_id})}),
-                   reply_to=msg)
+    try:
+        partition_id = int(context.node_config["partition-id"])
+    except (KeyError, ValueError):
+        raise ConfigError("node config: set integer partition-id and num-partitions "
+                          "(flower-supernode --node-config 'partition-id=0 num-partitions=20')") from None
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
 
 
 @app.evaluate()

@@ -14,9 +14,15 @@ package adds.
   (``metrics.json``, ``metrics.csv``), aggregated from the clients' reports,
   and after every round a checkpoint (``global.pt``, with a digest) in the
   engines' one layout, holding the server's state and no client state.
+- **What is sent.**  The global state, or for a method whose server makes
+  each client its own part (:meth:`~hyperfl_fast.methods.Method.send`:
+  pFedHN's generated weights) only that part: the server asks every node its
+  partition once (a query message), refuses a second node claiming the same
+  one, and accepts a node's upload only as the partition it was sent.
 - **Failures.**  The server waits ``round-timeout`` seconds for a round's
-  replies, then aggregates those that arrived (weighted by their data sizes,
-  as FedAvg does), provided there are at least ``min-clients``; each round's
+  replies, then aggregates those that arrived (by the method's rule: FedAvg's
+  weighting by data size, or pFedHN's one step per client), provided there
+  are at least ``min-clients``; each round's
   record lists the clients that failed.  With fewer, the run stops with an
   error naming the round, and the files keep the last complete round.
   Before each round the server waits until ``min-clients`` nodes are connected.
@@ -67,12 +73,13 @@ class UploadAuditingFedAvg(FedAvg):
     ``on_upload``, aggregates with the method's rule (weighted by ``num-examples``), tolerates missing replies
     down to ``min_clients`` and writes the run's metrics after every round."""
 
-    def __init__(self, settings: FlowerSettings, upload_keys: set[str], on_upload: UploadHook | None = None,
-                 method: Method | None = None):
+    def __init__(self, settings: FlowerSettings, upload_keys: dict[str, tuple[int, ...]],
+                 on_upload: UploadHook | None = None, method: Method | None = None):
         n = settings.min_clients
         super().__init__(fraction_train=settings.cfg.frac, fraction_evaluate=settings.cfg.frac, min_train_nodes=n,
                          min_evaluate_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=mean_metrics,
                          evaluate_metrics_aggr_fn=mean_metrics)
+        # the upload's layout (name -> shape, in the order it is sent) and the hook that sees each upload
         self.settings, self.cfg, self.upload_keys, self.on_upload = settings, settings.cfg, upload_keys, on_upload
         self.method = method or get_method(settings.cfg.method)
         self.spec = cnn_spec(*DATASET_SHAPES[settings.cfg.dataset])
@@ -108,8 +115,14 @@ class UploadAuditingFedAvg(FedAvg):
             asked = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
                              message_type=MessageType.QUERY) for node in unknown]
             for reply in grid.send_and_receive(asked, timeout=self.settings.round_timeout):
-                if not reply.has_error():
-                    self.partitions[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+                if reply.has_error():
+                    continue
+                pid = int(reply.content["metrics"]["partition-id"])
+                if pid in self.partitions.values() or not 0 <= pid < self.cfg.clients:
+                    self.failed.append(f"node {reply.metadata.src_node_id} claims partition {pid}, which another "
+                                       "node holds or the run does not have; left out")
+                    continue
+                self.partitions[reply.metadata.src_node_id] = pid
         addressed = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -132,9 +145,13 @@ class UploadAuditingFedAvg(FedAvg):
                 continue
             arrays = msg.content.array_records.get("arrays")
             keys = set(arrays.keys()) if arrays is not None else set()
-            if phase == "train" and keys != self.upload_keys:
+            if phase == "train" and keys != set(self.upload_keys):
                 self.failed.append(f"train: node {msg.metadata.src_node_id} uploaded {sorted(keys)}, not only "
                                    f"{sorted(self.upload_keys)}; refused")
+                continue
+            if phase == "train" and any(tuple(arrays[k].shape) != shape for k, shape in self.upload_keys.items()):
+                self.failed.append(f"train: node {msg.metadata.src_node_id} uploaded arrays of other shapes than "
+                                   "the model's; refused")
                 continue
             good.append(msg)
         expected = max(self.min_train_nodes, len(replies))
@@ -150,13 +167,19 @@ class UploadAuditingFedAvg(FedAvg):
         # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which reply came first
         good = sorted(self._check_replies(server_round, replies, "train"),
                       key=lambda msg: int(msg.content["metrics"]["partition-id"]))
-        uploads, weights, senders = [], [], []
+        uploads, weights, senders, accepted = [], [], [], []
         for msg in good:
             metrics = msg.content["metrics"]
             pid = int(metrics["partition-id"])
+            if self.method.sends_per_client and self.partitions.get(msg.metadata.src_node_id) != pid:
+                self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, not the "
+                                   f"{self.partitions.get(msg.metadata.src_node_id)} it was sent; refused")
+                continue
+            accepted.append(msg)
             self.trained[pid] = dict(metrics)
             arrays = msg.content.array_records.get("arrays")
             upload = arrays.to_torch_state_dict() if arrays is not None else {}
+            upload = {k: upload[k] for k in self.upload_keys if k in upload}  # in the order it was sent
             if upload:
                 uploads.append(upload)
                 weights.append(int(metrics[self.weighted_by_key]))
@@ -172,7 +195,7 @@ class UploadAuditingFedAvg(FedAvg):
                     audit.write(json.dumps({"round": server_round, "partition-id": pid,
                                             "arrays": {k: list(t.shape) for k, t in upload.items()},
                                             "metrics": dict(metrics)}) + "\n")
-        metrics = mean_metrics([m.content for m in good], self.weighted_by_key)
+        metrics = mean_metrics([m.content for m in accepted], self.weighted_by_key)
         if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
             return None, metrics
         return ArrayRecord(self.method.aggregate(self.current, uploads, weights, senders)), metrics
@@ -213,7 +236,7 @@ def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook |
     shared = initial_global_state(cfg)
     method = get_method(cfg.method)
     # a client uploads (the change of) what it received: the global state, or what was generated for it
-    upload_keys = set(method.send(cnn_spec(*DATASET_SHAPES[cfg.dataset]), shared, 0))
+    upload_keys = {k: tuple(t.shape) for k, t in method.send(cnn_spec(*DATASET_SHAPES[cfg.dataset]), shared, 0).items()}
     strategy = UploadAuditingFedAvg(settings, upload_keys, on_upload, method)
 
     def save_global(server_round: int, arrays: ArrayRecord) -> None:

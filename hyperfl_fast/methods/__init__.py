@@ -3,7 +3,8 @@
 
 - :mod:`.hyperfl`: HyperFL, only the hypernetwork is shared;
 - :mod:`.fedavg`, :mod:`.local`: the non-private baselines;
-- :mod:`.dp_fedavg`, :mod:`.ppsgd`, :mod:`.centaur`: the DP-SGD baselines.
+- :mod:`.dp_fedavg`, :mod:`.ppsgd`, :mod:`.centaur`: the DP-SGD baselines;
+- :mod:`.pfedhn`: pFedHN and pFedHN-PC, the server's hypernetwork generates each client's model.
 
 Every module of this package is imported here, and each method class it defines with ``@register`` joins
 :data:`METHODS`: adding a method is adding its module.  Engines supply the client dimension:

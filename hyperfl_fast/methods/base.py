@@ -2,10 +2,11 @@
 
 A method says what it is (class attributes: its name, what leaves a client, what a client keeps, its headline
 figure, whether it is DP, which optional features it supports, its paper figures and its lockstep engine) and
-what it does: what the server holds and each client keeps at the start (:meth:`Method.init_states`), how one
-client trains in a round (:meth:`Method.client_update`: receive the global state, train, return the upload and
-the new private state), how the server aggregates the uploads (:meth:`Method.aggregate`) and what model a
-client evaluates (:meth:`Method.predict`).  States are plain ``dict[str, Tensor]``, so an engine, a checkpoint
+what it does: what the server holds and each client keeps at the start (:meth:`Method.init_states`), what
+the server sends a client (:meth:`Method.send`: the global state, or pFedHN's weights generated for it), how
+one client trains in a round (:meth:`Method.client_update`: receive, train, return the upload and the new
+private state), how the server aggregates the uploads (:meth:`Method.aggregate`) and what model a client
+evaluates (:meth:`Method.predict`).  States are plain ``dict[str, Tensor]``, so an engine, a checkpoint
 or a Flower message carries them as they are.
 
 A method is one module of this package whose class is decorated with :func:`register`: the registry
@@ -106,6 +107,9 @@ class Method(ABC):
     paper: ClassVar[dict[str, dict[int, float]]] = {}
     paper_seconds_per_round: ClassVar[float | None] = None  # Table 4: EMNIST, 20 clients, the authors' GPU
     lockstep: ClassVar[type]  # its engine that trains every sampled client at once (an Engine)
+    # the client's SGD settings where they are the method's own, not --lr/--momentum/--weight-decay (pFedHN):
+    # lr, momentum, weight_decay and clip (gradient norm), as the attack CLI's simulation of its training takes them
+    client_optimizer: ClassVar[dict[str, float]] = {}
 
     @abstractmethod
     def init_states(self, spec: CNNSpec, num_clients: int, cfg, device: torch.device) -> tuple[State, list[State]]:
@@ -157,6 +161,9 @@ def register(cls: type[Method]) -> type[Method]:
         raise TypeError(f"method {cls.name}: unknown features {sorted(cls.supports - set(FEATURES))}")
     if (ATTACK in cls.supports) != (cls.threat is not None):
         raise TypeError(f"method {cls.name}: a method that supports the attack names its threat model, and only then")
+    if not all(isinstance(by_clients, dict) and all(isinstance(c, int) for c in by_clients)
+               for by_clients in cls.paper.values()):
+        raise TypeError(f"method {cls.name}: paper maps dataset -> clients -> figure, e.g. {{'fmnist': {{20: 88.28}}}}")
     if cls.name in REGISTRY:
         raise TypeError(f"two methods are called {cls.name!r}")
     REGISTRY[cls.name] = cls()

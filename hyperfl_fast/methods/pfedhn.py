@@ -22,7 +22,12 @@ Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, un
   every method (pFedHN samples 50 batches of 64 with replacement);
 - rounds: the sampled clients train in parallel from the round's psi (HyperFL's federated rounds); the server
   steps once per client (pFedHN's one step per client), in the sampled order, so 200 rounds of 20 clients take
-  4,000 server steps (pFedHN: 5,000);
+  4,000 server steps (pFedHN: 5,000).  All of a round's steps use gradients taken at the round's psi, where
+  pFedHN regenerates theta after every step; with its momentum 0.9 the first rounds overshoot (a loss spike in
+  round 2 on Fashion-MNIST, benchmarks/RESULTS.md);
+- the initial psi and embeddings come from the run's seed, as every initial state of this package does (a
+  Flower node draws them too, to start from the same state): they are not secret, what training makes of them
+  never leaves the server;
 - the hypernetwork is this package's (``--embed-dim`` 64, ``--hidden-dim`` 128, one hidden layer with ReLU,
   then one linear head per tensor), so the lockstep engine generates every sampled client's weights with the
   package's generation op; pFedHN's own has 3 hidden layers of 100 units and embeddings of 1 + N/4;
@@ -106,7 +111,8 @@ class PFedHNLockstep(Engine):
     """pFedHN in lockstep: the results of :meth:`PFedHN.client_update` and :meth:`PFedHN.aggregate` client by
     client.  The package's generation op makes every sampled client's theta at once; the clients train as
     stacked tensors; the server's per-client gradients come in closed form (each head's gradient is the outer
-    product delta_theta h^T, never formed for all clients at once) and its steps run one client after another."""
+    product delta_theta h^T, never formed) and its one step per client is applied as one linear map for the
+    round (:meth:`server_update`)."""
 
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         super().__init__(method, spec, clients, cfg)
@@ -163,10 +169,16 @@ class PFedHNLockstep(Engine):
 
     @torch.no_grad()
     def server_update(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
-        """One server step per client (in ``idx``'s order) with the gradient J^T delta at the round's psi.
+        """One server step per client (in ``idx``'s order) with the gradient J^T delta at the round's psi, all of
+        them at once.
 
-        For theta = W2 ReLU(W1 e + b1) + b2: dW2 = delta h^T, db2 = delta, dh = (W2^T delta) * [W1 e + b1 > 0],
-        dW1 = dh e^T, db1 = dh, de = W1^T dh; the norm of the rank-one products is the product of the norms.
+        Gradients: for theta = W2 ReLU(W1 e + b1) + b2, dW2 = delta h^T, db2 = delta, dh = (W2^T delta) *
+        [W1 e + b1 > 0], dW1 = dh e^T, db1 = dh, de = W1^T dh; the norm of a rank-one product is the product of the
+        norms, so the clip needs no gradient formed.  Steps: SGD with momentum and weight decay is linear in
+        (w, buf): one step is (w, buf) <- M (w, buf) + u g with M = [[1 - lr wd, -lr mu], [wd, mu]] and
+        u = (-lr, 1), so after the round's K steps (w, buf) = M^K (w0, buf0) + sum_k M^(K-1-k) u g_k: the weighted
+        sums of the rank-one head gradients are (P x N) x (N x H) products (one into w, one into buf) instead of K
+        passes over the heads.
         """
         s, lr, mu, wd = self.server, SETTINGS.server_lr, SETTINGS.server_momentum, SETTINGS.server_weight_decay
         e = s["embeddings"][idx]  # (N, E), the round's
@@ -176,21 +188,31 @@ class PFedHNLockstep(Engine):
         de = dh @ s["fc.weight"]  # (N, E)
         sq = delta.pow(2).sum(1)
         norms = (sq * (h.pow(2).sum(1) + 1) + dh.pow(2).sum(1) * (e.pow(2).sum(1) + 1) + de.pow(2).sum(1)).sqrt()
-        scale = (SETTINGS.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # (N,)
-        for k, cid in enumerate(idx.tolist()):
-            c = scale[k]
-            outer = {"heads.weight": (delta[k], h[k]), "fc.weight": (dh[k], e[k])}
-            vector = {"heads.bias": delta[k], "fc.bias": dh[k]}
-            for key in SERVER_KEYS:
-                w, buf = s[key], s[momentum_key(key)]
-                buf.mul_(mu).add_(w, alpha=wd)
-                if key in outer:
-                    buf.addr_(*outer[key], alpha=c)
-                elif key in vector:
-                    buf.add_(vector[key] * c)
-                else:  # the embeddings: only client cid's row has a gradient; weight decay reaches every row
-                    buf[cid].add_(de[k] * c)
-                w.add_(buf, alpha=-lr)
+        scale = (SETTINGS.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # (N,) clip_grad_norm_ per client
+        step = torch.tensor([[1 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64)
+        weights, v = [], torch.tensor([-lr, 1.0], dtype=torch.float64)
+        for _ in range(len(idx)):  # M^(K-1-k) u for k = K-1 down to 0
+            weights.append(v)
+            v = step @ v
+        weights = torch.stack(weights[::-1]).to(delta)  # (N, 2): each step's gradient's share in (w, buf)
+        total = torch.linalg.matrix_power(step, len(idx)).tolist()  # M^K
+        for key in SERVER_KEYS:
+            w, buf = s[key], s[momentum_key(key)]
+            summed = []
+            for a in (weights[:, 0] * scale, weights[:, 1] * scale):  # (N,): into w, into buf
+                if key == "heads.weight":
+                    summed.append((delta * a[:, None]).t() @ h)  # (P, H)
+                elif key == "fc.weight":
+                    summed.append((dh * a[:, None]).t() @ e)  # (H, E)
+                elif key == "heads.bias":
+                    summed.append(a @ delta)
+                elif key == "fc.bias":
+                    summed.append(a @ dh)
+                else:  # the embeddings: each client's gradient in its own row (weight decay reaches every row)
+                    summed.append(torch.zeros_like(w).index_add_(0, idx, de * a[:, None]))
+            w0 = w.clone()
+            w.mul_(total[0][0]).add_(buf, alpha=total[0][1]).add_(summed[0])
+            buf.mul_(total[1][1]).add_(w0, alpha=total[1][0]).add_(summed[1])
 
     def global_state(self) -> State:
         """The server's hypernetwork, embeddings and momentum buffers."""
@@ -216,6 +238,8 @@ class PFedHN(Method):
     supports = frozenset({ATTACK})
     threat = "full-model"  # the server knows theta_i (it generated it) and sees its change
     step_flags = ("local_epochs",)  # its optimizer settings are fixed (SETTINGS)
+    client_optimizer = {"lr": SETTINGS.client_lr, "momentum": SETTINGS.client_momentum,
+                        "weight_decay": SETTINGS.client_weight_decay, "clip": SETTINGS.grad_clip}
     paper = {  # Table 1
         "emnist": {20: 80.86, 100: 77.37},
         "fmnist": {20: 87.64, 100: 89.80},

@@ -37,7 +37,7 @@ class LocalTraining:
     momentum: float = Config.momentum
     weight_decay: float = Config.weight_decay
     clip: float | None = None  # max grad norm per group (HyperFL: 50), None = no clipping
-    groups: list[list[str]] = field(default_factory=list)  # clipping groups (names of trainable tensors)
+    groups: list[list[str]] = field(default_factory=list)  # clipping groups (names; none: all trainable tensors)
     dp_clip: float | None = None  # DP-SGD: each sample's gradient clipped to this norm (None: no DP)
     dp_sigma: float = 0.0  # DP-SGD: noise multiplier; the clipped sum gets N(0, (dp_sigma dp_clip)^2)
 
@@ -84,7 +84,7 @@ def local_update(loss_fn: LossFn, trainable: Params, frozen: Params, x: torch.Te
         if training.steps == 1:
             return grads
         if training.clip is not None:
-            for group in training.groups:
+            for group in training.groups or [names]:
                 norm = torch.sqrt(sum(grads[k].pow(2).sum() for k in group))
                 coef = torch.clamp(training.clip / (norm + 1e-6), max=1.0)
                 grads.update({k: grads[k] * coef for k in group})

@@ -61,8 +61,11 @@ def _linear_init(out_features: int, in_features: int, prefix: str = "cls."):
 
 # --------------------------------------------------------------------------- FedAvg
 
-def fedavg_scenario(model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training: LocalTraining) -> Scenario:
-    """The server knows the whole model and sees its gradient (1 step) or update (several steps)."""
+def fedavg_scenario(model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training: LocalTraining,
+                    name: str = "fedavg") -> Scenario:
+    """The server knows the whole model and sees its gradient (1 step) or update (several steps): FedAvg, and
+    pFedHN, whose server generated the model and sees its change (the attack works with new - old; a pFedHN
+    upload, old - new, is its negative)."""
     params = {k: t.detach() for k, t in model.named_parameters()}
 
     def loss_fn(p: Params, images, targets):
@@ -78,7 +81,7 @@ def fedavg_scenario(model: TargetCNN, x: torch.Tensor, y: torch.Tensor, training
         upload = local_update(loss_fn, params, {}, images, targets, training, create_graph=True)
         return [upload[k] for k in names]
 
-    return Scenario("fedavg", simulate, [observed[k].detach() for k in names], labels, Unknowns(),
+    return Scenario(name, simulate, [observed[k].detach() for k in names], labels, Unknowns(),
                     {"labels_inferred": labels.tolist()})
 
 
