@@ -61,8 +61,7 @@ def assert_same_results(history):
 
 @pytest.mark.parametrize("method,client_init", [("hyperfl", "shared"), ("hyperfl", "independent"),
                                                 ("fedavg", "shared"), ("local", "shared"), ("local", "independent"),
-                                                ("pfedhn", "shared"), ("pfedhn-pc", "shared"),
-                                                ("pfedhn-pc", "independent")])
+                                                ("pfedhn", "shared"), ("pfedhn-pc", "independent")])
 def test_batched_engine_equals_reference(method, client_init, float64):
     # unequal client sizes (partial and missing batches) and partial participation
     cfg = Config(dataset="synthetic", method=method, clients=4, frac=0.75, local_epochs=2, batch_size=20,
