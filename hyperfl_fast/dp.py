@@ -59,10 +59,13 @@ class BudgetTooSmall(ValueError):
     """No noise multiplier makes the steps spend only the target epsilon."""
 
 
+@functools.lru_cache(maxsize=256)
 @_quiet_opacus
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """sigma such that ``steps`` DP-SGD steps at ``sample_rate`` spend (epsilon, delta) under Opacus' RDP
-    accountant (its search; the result spends at most epsilon)."""
+    accountant (its search; the result spends at most epsilon).  Cached: the search takes seconds at high
+    sample rates (Opacus' series for fractional orders), and a run asks for it in its budget check and again
+    for its clients."""
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

@@ -222,7 +222,7 @@ def test_pyproject_run_config_has_the_cli_defaults():
     assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - in_process_only
 
 
-@pytest.mark.parametrize("method", ["hyperfl", "local", "dp-fedavg", "ppsgd", "pfedhn-pc"])
+@pytest.mark.parametrize("method", ["hyperfl", "dp-fedavg", "ppsgd", "pfedhn-pc"])
 def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     """Every method's ClientApp code, driven in-process through Flower's records and its FedAvg aggregation,
     gives the reference engine's run; uploads hold exactly the method's shared part; private state persists."""
