@@ -51,6 +51,7 @@ from ..lockstep.data import RoundSchedule, StackedData
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
 from ..models import CNNSpec, HyperNetwork, join_flat, split_flat
+from ..ops.generate import reference as generate_reference
 from .base import ATTACK, ClientUpdate, Method, State, detached, register
 from .full_model import cnn_from
 
@@ -79,10 +80,10 @@ def momentum_key(key: str) -> str:
     return f"momentum.{key}"
 
 
-def generate(server: State, embeddings: torch.Tensor) -> torch.Tensor:
-    """theta = heads(ReLU(fc(e))) for embeddings (..., E): (..., P).  Plain torch: the reference path."""
-    hidden = F.relu(F.linear(embeddings, server["fc.weight"], server["fc.bias"]))
-    return F.linear(hidden, server["heads.weight"], server["heads.bias"])
+def generate(server: State, embedding: torch.Tensor) -> torch.Tensor:
+    """theta (P,) = heads(ReLU(fc(e))) for one embedding (E,): the generation op's reference path (plain torch,
+    differentiable in every input)."""
+    return generate_reference(embedding[None], *(server[k] for k in HYPER_KEYS))[0]
 
 
 def client_sgd(params) -> torch.optim.SGD:
