@@ -14,6 +14,8 @@ info is the median over the clients a call serves.
 import pytest
 import torch
 
+pytest.importorskip("opacus")  # the dp extra (`make test` installs it; a bare GPU image may lack it)
+
 from hyperfl_fast.config import Config
 from hyperfl_fast.dp import ClientPrivacy, dp_sgd_step, noised_mean, per_example_grads, clip_and_sum
 from hyperfl_fast.lockstep.dp_step import private_step_grads

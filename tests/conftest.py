@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run on the CPU through Triton's interpreter; it
 must be switched on before triton is first imported, hence here.
 """
+import importlib.util
 import os
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the triton-path tests run
+# the DP methods need the dp extra (opacus): `make test` installs it; a bare GPU image may not have it
+NEEDS_OPACUS = pytest.mark.skipif(importlib.util.find_spec("opacus") is None,
+                                  reason="opacus (hyperfl_fast[dp]) is not installed; `make test` installs it")
 
 from hyperfl_fast.config import Config
 from hyperfl_fast.data import make_synthetic

@@ -38,8 +38,10 @@ def toy_op(name="toy", torch_impl=None, triton_impl=None, mutates=()):
 
 
 @pytest.fixture
-def measuring(tmp_path):
-    """A fresh dispatcher that measures on the CPU, caching in tmp_path."""
+def measuring(tmp_path, monkeypatch):
+    """A fresh dispatcher that measures on the CPU, caching in tmp_path.  The toy ops' "triton" paths are plain
+    Python, so the CPU may take them on a GPU machine too (where the interpreter is off)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     d = Dispatcher()
     d.accelerated = lambda device: True
     d.cache_dir = tmp_path
@@ -108,6 +110,33 @@ def test_gradients_are_compared_too(measuring):
     measuring.timer = FakeTimer({"torch": 5e-3, "triton": 1e-3})
     assert measuring.resolve(op, None, (torch.randn(4, 3, requires_grad=True), 2)) == "torch"
     assert measuring.resolve(op, None, (torch.randn(4, 3), 2)) == "triton"  # no gradient asked: forward only
+
+
+def test_an_op_measured_on_random_inputs_is_checked_and_timed_on_them_and_runs_on_its_own(measuring):
+    """``measure_on``: the check sees random data of the call's shapes and flags (max-pool ties on real images
+    would reject correct paths); the call itself still computes on its own input."""
+    seen = []
+
+    def spy(x, k):
+        seen.append(x.detach().clone())
+        return x * k
+    op = measuring.register(Op("spy", lambda x, k: torch.stack([r * k for r in x]), spy, spy,
+                               measure_on=dispatch.random_at(0)))
+    measuring.timer = FakeTimer({"torch": 2e-3, "triton": 1e-3})
+    x = torch.zeros(4, 3, requires_grad=True)  # all ties: the case the random inputs are for
+    out = measuring.call(op, None, (x, 2))
+    torch.testing.assert_close(out, x * 2)
+    assert out.requires_grad and len(seen) == 5  # torch and triton: checked, then timed; then the call itself
+    for measured in seen[:4]:
+        assert measured.shape == x.shape and measured.std() > 0.5 and torch.equal(measured, seen[0])
+    assert torch.equal(seen[4], x.detach())
+
+
+def test_falling_back_to_the_reference_path_is_a_warning_naming_the_op(measuring):
+    op = measuring.register(toy_op("bad", torch_impl=lambda x, k: x * k + 1.0, triton_impl=lambda x, k: x * k - 1.0))
+    measuring.timer = FakeTimer({"torch": 1e-3, "triton": 1e-3})
+    with pytest.warns(RuntimeWarning, match=r"dispatch: bad runs its slow reference path .*torch relative error"):
+        assert measuring.resolve(op, None, (torch.randn(4, 3), 2)) == "reference"
 
 
 def test_measuring_a_mutating_op_leaves_its_inputs_alone(measuring):
@@ -233,8 +262,8 @@ def test_the_factored_heads_are_measured_at_their_full_span(measuring):
     measuring.register(RMATVEC)
     measuring.timer = FakeTimer({"torch": 1e-3, "triton": 2e-3})
     n, p, h, s = 2, 40, 8, 5
-    args = [torch.randn(n, p), torch.randn(p, h), torch.randn(n, s, p), torch.randn(n, s, h), torch.rand(n),
-            torch.randn(n, s)]
+    args = [torch.randn(n, p, device=DEVICE), torch.randn(p, h, device=DEVICE), torch.randn(n, s, p, device=DEVICE),
+            torch.randn(n, s, h, device=DEVICE), torch.rand(n, device=DEVICE), torch.randn(n, s, device=DEVICE)]
     for span in range(s + 1):
         assert measuring.resolve(RMATVEC, None, (*args, span)) == "torch"
     (key,) = measuring.choices

@@ -18,7 +18,7 @@ from hyperfl_fast.engines import build_batched, build_reference
 from hyperfl_fast.federation import sample_clients
 from hyperfl_fast.models import cnn_spec
 
-from conftest import DEVICE, small_federation, tiny_model
+from conftest import DEVICE, NEEDS_OPACUS, small_federation, tiny_model
 
 
 def federation(in_channels, sizes):
@@ -138,8 +138,8 @@ def test_batched_engine_on_triton_ops_matches_torch_ops(in_channels, monkeypatch
 
 @pytest.mark.parametrize("method,first,second", [
     ("hyperfl", "reference", "batched"), ("hyperfl", "batched", "reference"), ("fedavg", "batched", "reference"),
-    ("local", "reference", "batched"), ("dp-fedavg", "reference", "batched"), ("centaur", "batched", "reference"),
-    ("pfedhn-pc", "batched", "reference")])
+    ("local", "reference", "batched"), pytest.param("dp-fedavg", "reference", "batched", marks=NEEDS_OPACUS),
+    pytest.param("centaur", "batched", "reference", marks=NEEDS_OPACUS), ("pfedhn-pc", "batched", "reference")])
 def test_a_run_continues_on_the_other_engine(method, first, second, float64):
     """Every engine saves the same state: round 1 on one engine, round 2 on the other, equals round 2 on the
     first (to 1e-9 in float64), whichever way round; the state survives the trip exactly."""

@@ -11,10 +11,11 @@ call resolves its path in this order:
 3. on the CPU: ``"torch"``;
 4. on CUDA, in ``static`` mode: the op's entry in :data:`STATIC_CUDA` (what a GPU benchmark measured);
 5. on CUDA, in ``measured`` mode (the default): the first call with a given key (op, argument shapes and
-   dtypes, integer arguments, precision) times the torch and Triton paths on its own input with CUDA events
-   (:class:`CudaTimer`; cuDNN's autotuner on, Triton autotuned), checks each against the reference path on
-   that input (outputs and, for differentiable calls, every input gradient) within the precision's tolerance,
-   and keeps the fastest correct one.  Choices are cached on disk per GPU (name, SM count, driver, torch and
+   dtypes, integer arguments, precision) times the torch and Triton paths on its own input (or, for an op with
+   ``measure_on``, on random inputs of the same shapes) with CUDA events (:class:`CudaTimer`; cuDNN's autotuner
+   on, Triton autotuned), checks each against the reference path on that input (outputs and, for
+   differentiable calls, every input gradient) within the precision's tolerance, and keeps the fastest correct
+   one.  When both are rejected the reference path runs, with a warning naming the op and the reasons.  Choices are cached on disk per GPU (name, SM count, driver, torch and
    Triton versions; :func:`cache_path`), so a later process measures nothing.  A call made while a CUDA graph
    is being captured never measures: it takes the static entry.
 
@@ -47,19 +48,19 @@ CACHE_ENV = "HYPERFL_DISPATCH_CACHE"
 # relative error (max |a - b| / max |reference|) a candidate may have, per precision mode
 TOLERANCE = {"fp32": 1e-4, "tf32": 2e-2}
 
-# Static CUDA table: the path measured fastest on a GPU (benchmarks/RESULTS.md: one H100, torch 2.11,
-# triton 3.6), used with --dispatch static and whenever a call cannot be measured.  The fused ops written after
-# that measurement default to Triton here because they replace a chain of torch launches by one or two.
+# Static CUDA table: the path measured fastest on a GPU, used with --dispatch static and whenever a call cannot be
+# measured.  Figures: one H200, torch 2.11, triton 3.6, 2026-11-30 (benchmarks/RESULTS.md); "unmeasured" entries
+# replace a chain of torch launches by one or two and were not timed alone.
 STATIC_CUDA = {
-    "generate_weights/shared": "torch",  # one cuBLAS GEMM, 0.130 ms; the Triton path took 0.399 ms
-    "generate_weights/per-client": "triton",  # 63% / 83% of copy bandwidth (fmnist / cifar); torch 54% / 59%
-    "fused_head_sgd_step": "triton",  # 99.9% of copy bandwidth; torch 40%
-    "batched_conv2d_leaky_pool": "torch",  # cuDNN grouped conv beat the previous Triton kernels 2.1x (fmnist)
+    "generate_weights/shared": "torch",  # one cuBLAS GEMM, 0.123 ms; Triton 0.360 ms
+    "generate_weights/per-client": "triton",  # 0.500 ms (62% of copy bandwidth); torch 0.711 ms
+    "fused_head_sgd_step": "triton",  # 93% of copy bandwidth; torch 41%
+    "batched_conv2d_leaky_pool": "triton",  # CNN stack fwd+bwd fp32: fmnist 3.07 vs 4.67 ms, cifar 4.90 vs 5.04
     "batched_linear": "torch",  # cuBLAS
     "batched_classifier_loss": "triton",  # one launch each way instead of about eight (unmeasured)
     "classifier_sgd_step": "triton",  # one launch instead of about twenty (unmeasured)
-    "factored_generate": "triton",  # two launches instead of seven (unmeasured)
-    "factored_rmatvec": "triton",  # two launches instead of seven (unmeasured)
+    "factored_generate": "torch",  # full span: 0.353 ms; Triton 0.439 ms
+    "factored_rmatvec": "torch",  # full span: 0.301 ms; Triton 1.013 ms (16% of copy bandwidth)
     "hypernet_client_update": "triton",  # one launch instead of about forty (unmeasured)
     "hypernet_heads_update": "triton",  # one launch instead of six (unmeasured)
 }
@@ -78,6 +79,9 @@ class Op:
     # the call a measurement times instead of the first one seen (e.g. the factored heads at their full span,
     # not at the empty span of a round's first step); a key then ignores what this changes
     measure_as: Callable[[tuple], tuple] | None = None
+    # the inputs the correctness check and the timing use instead of the call's own (same shapes and flags), where
+    # the call's own make the check ill-posed: max-pool ties on real images route gradients by rounding
+    measure_on: Callable[[tuple], tuple] | None = None
 
     def implementation(self, path: str) -> Callable:
         return getattr(self, path)
@@ -223,8 +227,11 @@ class Dispatcher:
             fallback = STATIC_CUDA.get(static_key or op.name, "torch")
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 return fallback  # never time anything inside a graph capture
-            self.choices[key] = measure(op, args, self.timer, fallback, check)
+            self.choices[key] = choice = measure(op, args, self.timer, fallback, check)
             self._save()
+            if choice.path == "reference" and {"torch", "triton"} <= choice.rejected.keys():
+                warnings.warn(f"dispatch: {op.short} runs its slow reference path at {key.split('|')[1]}: "
+                              + "; ".join(f"{p} {why}" for p, why in choice.rejected.items()), RuntimeWarning)
         self._fast[fast] = self.choices[key].path
         return self._fast[fast]
 
@@ -374,6 +381,19 @@ def cache_path(device: torch.device, cache_dir: Path | None = None) -> Path:
 
 # ---------------------------------------------------------------------------- measuring one call
 
+def random_at(*positions: int) -> Callable[[tuple], tuple]:
+    """A ``measure_on`` that replaces the tensors at ``positions`` by standard-normal ones of the same shape, dtype,
+    device and ``requires_grad`` (seeded: a measurement is repeatable)."""
+    def replace(args: tuple) -> tuple:
+        out = list(args)
+        for i in positions:
+            a = args[i]
+            gen = torch.Generator(device=a.device).manual_seed(i)
+            out[i] = torch.randn(a.shape, generator=gen, device=a.device, dtype=a.dtype).requires_grad_(a.requires_grad)
+        return tuple(out)
+    return replace
+
+
 def _fresh_inputs(op: Op, args: tuple) -> tuple:
     """Copies a candidate may consume: clones of what it mutates, new leaves for what needs a gradient."""
     out = []
@@ -432,7 +452,10 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 def measure(op: Op, args: tuple, timer: Timer, fallback: str, check: Callable[[str], None] | None = None) -> Choice:
     """Time the torch and Triton paths on ``args``, keep the fastest whose results match the reference's.  A path
     ``check`` refuses for these inputs, or that fails, is no candidate; if neither is left, the ``fallback``
-    (the static table's entry) unless it was refused too, then torch, then the reference."""
+    (the static table's entry) unless it was refused too, then torch, then the reference.  An op with
+    ``measure_on`` is checked and timed on the inputs it returns, not on ``args``."""
+    if op.measure_on is not None:
+        args = op.measure_on(args)
     _, want = _candidate(op, "reference", args)
     tolerance = TOLERANCE[_precision.get_precision()]
     choice = Choice(fallback)
