@@ -33,6 +33,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .federation import make_generator
+from .ops.sgd import SGD
 
 NOISE_STREAM = -2  # the last key of a DP noise generator: (seed, round, client, epoch, step, NOISE_STREAM)
 NOISE_MODES = ("secure", "keyed")
@@ -233,7 +234,7 @@ def private_gradient(per_example: dict[str, torch.Tensor], valid: torch.Tensor, 
     return noised_mean(clip_and_sum(per_example, valid, clip), valid, clip, sigma, generators, denominator, sample)
 
 
-def dp_sgd_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+def dp_sgd_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer: SGD,
                 x: torch.Tensor, y: torch.Tensor, clip: float, sigma: float, generator: torch.Generator,
                 denominator: float | None = None, sample: Callable = keyed_noise) -> None:
     """One DP-SGD step on ``params`` the authors' way, the per-client oracle of the lockstep engines' step:

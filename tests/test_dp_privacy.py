@@ -148,7 +148,7 @@ def test_poisson_is_refused_for_a_method_without_dp():
         Config(method="hyperfl", poisson=True, device="cpu").validate()
 
 
-def test_over_flower_a_dp_client_sends_only_what_aggregation_needs(monkeypatch):
+def test_over_flower_a_client_sends_only_what_aggregation_needs(monkeypatch):
     pytest.importorskip("flwr")
     from flwr.app import Context, RecordDict
 
@@ -159,7 +159,8 @@ def test_over_flower_a_dp_client_sends_only_what_aggregation_needs(monkeypatch):
             "batch-size": 10, "rounds": 1, "device": "cpu"}
     metrics = {"num-examples": 20, "partition-id": 1, "train-loss": 0.5, "local-acc": 60.0, "epsilon": 1.2}
     for method, opt_in, kept in (("dp-fedavg", False, {"num-examples", "partition-id"}),
-                                 ("dp-fedavg", True, set(metrics)), ("hyperfl", False, set(metrics))):
+                                 ("dp-fedavg", True, set(metrics)), ("hyperfl", False, {"num-examples", "partition-id"}),
+                                 ("hyperfl", True, set(metrics))):
         run_config = {**base, "method": method, "client-metrics": opt_in}
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2},
                           state=RecordDict(), run_config=run_config)

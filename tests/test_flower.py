@@ -73,7 +73,7 @@ def deployment(tmp_path: Path, nodes: int = 3):
 
 
 def run_config(out: Path, **extra) -> str:
-    values = {**SETTINGS, "output-dir": str(out), "audit-uploads": True, **extra}
+    values = {**SETTINGS, "output_dir": str(out), "audit_uploads": True, "client_metrics": True, **extra}
     return " ".join(f"{k.replace('_', '-')}={json.dumps(v)}" for k, v in values.items())
 
 
@@ -130,9 +130,10 @@ def test_hyperfl_on_a_loopback_deployment(tmp_path):
     assert verified and len(saved["rounds"]) == 2
     assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1, 2]]))
 
-    # the same metrics files as python -m hyperfl_fast.train
+    # the same metrics files as python -m hyperfl_fast.train (round 1 evaluated with round 2's train messages)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] and metrics["headline"]["metric"] == "local_acc"
+    assert all(c["global_acc"] is not None for r in metrics["rounds"] for c in r["clients"])
     assert [c["client"] for c in metrics["rounds"][1]["clients"]] == [0, 1, 2]
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("round,train_loss,local_acc")
 
@@ -146,17 +147,21 @@ def test_a_supernode_that_dies_in_round_2(tmp_path):
         process = flwr_run(env, run_config(out, min_clients=2, round_timeout=120))
         try:
             deadline = time.time() + 300
-            while not (out / "metrics.json").exists() and time.time() < deadline and process.poll() is None:
+            audit = out / "uploads.jsonl"  # round 1's three uploads arrived: client 2's node dies as round 2 begins
+            while (not audit.exists() or len(audit.read_text().splitlines()) < 3) and time.time() < deadline \
+                    and process.poll() is None:
                 time.sleep(0.2)
-            stop(supernodes[2])  # round 1 is recorded: client 2's node dies as round 2 begins
+            stop(supernodes[2])
             log, _ = process.communicate(timeout=400)
         finally:
             stop(process)
     assert (out / "metrics.json").exists(), log[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 2, log[-3000:]
-    second = metrics["rounds"][1]
+    first, second = metrics["rounds"]
     assert [c["client"] for c in second["clients"]] == [0, 1] and second["failures"]
+    # round 1 was evaluated with round 2's train messages (fold-evaluation): the dead node's evaluation is missing
+    assert [c["global_acc"] is None for c in first["clients"]] == [False, False, True] and not first["failures"]
     saved, _ = load_checkpoint(out / "global.pt", torch.device("cpu"))
     assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1]]))
 
@@ -198,13 +203,119 @@ def test_aggregation_does_not_depend_on_arrival_order(tmp_path):
     torch.testing.assert_close(in_order, want)
 
 
+def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_path, monkeypatch):
+    """client-metrics with frac 1: round r's aggregated state is evaluated when it arrives to train round r + 1
+    (one ClientApp process per node and round, not two), and only the last round has an evaluate message;
+    without client-metrics nothing is evaluated and each round is recorded when its uploads are aggregated."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from hyperfl_fast.flower.server_app import UploadAuditingFedAvg
+    from hyperfl_fast.flower.settings import EVALUATE_RECEIVED, settings_from_run_config
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    def replies(metrics):
+        return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=pid + 1),
+                                content=RecordDict({"arrays": ArrayRecord({"w": torch.ones(3)}), "metrics":
+                                                    MetricRecord({"num-examples": 60, "partition-id": pid,
+                                                                  **metrics(pid)})}))
+                for pid in range(2)]
+
+    base = {"dataset": "synthetic", "clients": 2, "rounds": 2}
+    for folder in ("figures", "quiet"):  # the server's output folders (run_federation makes them)
+        (tmp_path / folder).mkdir()
+    figures = {"client-metrics": True, "output-dir": str(tmp_path / "figures")}
+    strategy = UploadAuditingFedAvg(settings_from_run_config({**base, **figures}), {"w": (3,)})
+    arrays = ArrayRecord({"w": torch.zeros(3)})
+    (first,) = {m.content["config"].get(EVALUATE_RECEIVED) for m in strategy.configure_train(1, arrays, ConfigRecord(),
+                                                                                             Grid())}
+    strategy.aggregate_train(1, replies(lambda pid: {"train-loss": 1.0 + pid, "local-acc": 50.0}))
+    assert first is None and list(strategy.configure_evaluate(1, arrays, ConfigRecord(), Grid())) == []
+    assert strategy.aggregate_evaluate(1, []) is None and strategy.rounds == []
+    (second,) = {m.content["config"][EVALUATE_RECEIVED] for m in strategy.configure_train(2, arrays, ConfigRecord(),
+                                                                                          Grid())}
+    strategy.aggregate_train(2, replies(lambda pid: {"train-loss": 0.5, "local-acc": 60.0, "global-acc": 40.0 + pid}))
+    assert second is True and [r["round"] for r in strategy.rounds] == [1]  # round 1, evaluated by round 2's replies
+    assert [c["global_acc"] for c in strategy.rounds[0]["clients"]] == [40.0, 41.0]
+    assert [c["train_loss"] for c in strategy.rounds[0]["clients"]] == [1.0, 2.0]
+    assert len(list(strategy.configure_evaluate(2, arrays, ConfigRecord(), Grid()))) == 2  # the last round
+    evaluated = [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=pid + 1),
+                                 content=RecordDict({"metrics": MetricRecord({"num-examples": 40, "partition-id": pid,
+                                                                              "global-acc": 70.0})}))
+                 for pid in range(2)]
+    strategy.aggregate_evaluate(2, evaluated)
+    assert [r["global_acc"] for r in strategy.rounds] == [40.5, 70.0] and strategy.rounds[1]["local_acc"] == 60.0
+
+    quiet = UploadAuditingFedAvg(settings_from_run_config({**base, "output-dir": str(tmp_path / "quiet")}),
+                                 {"w": (3,)})
+    for server_round in (1, 2):
+        assert all(EVALUATE_RECEIVED not in m.content["config"]
+                   for m in quiet.configure_train(server_round, arrays, ConfigRecord(), Grid()))
+        quiet.aggregate_train(server_round, replies(lambda pid: {}))
+        assert list(quiet.configure_evaluate(server_round, arrays, ConfigRecord(), Grid())) == []
+    assert [r["round"] for r in quiet.rounds] == [1, 2] and quiet.rounds[1]["local_acc"] is None
+    assert json.loads((tmp_path / "quiet" / "metrics.json").read_text())["rounds"][1]["round"] == 2
+
+
+def test_nodes_with_another_num_partitions_stop_the_run_in_one_line(tmp_path, monkeypatch):
+    """3 nodes of num-partitions=3 and clients=20: one line naming both keys, not Flower's endless wait."""
+    from types import SimpleNamespace
+
+    from flwr.app import MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from hyperfl_fast.config import ConfigError
+    from hyperfl_fast.flower.server_app import check_node_partitions
+    from hyperfl_fast.flower.settings import settings_from_run_config
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    class Grid:
+        def __init__(self, nodes, partitions=None):
+            self.nodes, self.partitions, self.asked = nodes, partitions or len(nodes), []
+
+        def get_node_ids(self):
+            return list(self.nodes)
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            self.asked += [m.metadata.message_type for m in messages]
+            return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                    content=RecordDict({"metrics": MetricRecord(
+                                        {"partition-id": self.nodes.index(m.metadata.dst_node_id),
+                                         "num-partitions": self.partitions})})) for m in messages]
+
+    settings = settings_from_run_config({"dataset": "synthetic", "clients": 20, "output-dir": str(tmp_path)})
+    few = Grid([11, 12, 13])
+    with pytest.raises(ConfigError, match=r"^run config: clients=20, but SuperNode 11 holds partition 0 of "
+                                          r"num-partitions=3; set clients=3 .*num-partitions=20$"):
+        check_node_partitions(few, settings)
+    assert few.asked == [MessageType.QUERY] * 3
+    enough = Grid(list(range(100, 120)))  # every node a round needs is there: nothing to ask
+    check_node_partitions(enough, settings)
+    assert enough.asked == []
+    fitting = Grid([11, 12], partitions=3)  # fewer than a round needs, but of the run's own split: go on waiting
+    check_node_partitions(fitting, settings_from_run_config({"dataset": "synthetic", "clients": 3,
+                                                             "output-dir": str(tmp_path)}))
+    assert fitting.asked == [MessageType.QUERY] * 2
+
+
 def test_bad_run_config_is_one_line():
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.settings import settings_from_run_config
 
     with pytest.raises(ConfigError, match="run config: unknown key 'learning-rate'"):
         settings_from_run_config({"learning-rate": 0.1})
-    with pytest.raises(ConfigError, match="--lr must be a finite number"):
+    with pytest.raises(ConfigError, match="^run config: lr must be a finite number"):
         settings_from_run_config({"lr": -1.0})
     with pytest.raises(ConfigError, match="min-clients must be an integer in"):
         settings_from_run_config({"clients": 3, "min-clients": 5})
@@ -282,7 +393,7 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
         monkeypatch.setattr(TaskIdentity, name, value)
     settings = settings_from_run_config({**{k.replace("_", "-"): v for k, v in SETTINGS.items()},
-                                         "method": "pfedhn", "output-dir": str(tmp_path)})
+                                         "method": "pfedhn", "output-dir": str(tmp_path), "client-metrics": True})
     method, spec = get_method("pfedhn"), cnn_spec(1, 10)
     shared = initial_global_state(settings.cfg)
     layout = {k: tuple(t.shape) for k, t in method.send(spec, shared, 0).items()}
@@ -330,7 +441,7 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     strategy.aggregate_train(1, [liar, *replies[1:]])
     assert any("replied as partition 1, not the 2 it was sent; refused" in line for line in strategy.failed)
     asked.clear()
-    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), Grid()))
+    evaluate = list(strategy.configure_evaluate(settings.cfg.rounds, arrays, ConfigRecord({}), Grid()))
     assert not asked and {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}  # asked once
     for msg in evaluate:
         pid = partition_of[msg.metadata.dst_node_id]

@@ -11,9 +11,11 @@ code, with round ``server-round - 1``, so every random draw is keyed by
 
 Replies: ``train`` sends the method's upload (HyperFL: the hypernetwork
 arrays; ``local``: none; pFedHN: the change of the weights it received) and a
-MetricRecord of figures (``num-examples`` weights the server's average);
-``evaluate`` sends the client's test accuracy with what the server sent after
-aggregating; ``query`` says which partition the node holds (the server sends
+MetricRecord of figures (``num-examples`` weights the server's average); when
+its config says ``evaluate-received`` (the server folds evaluation into
+training), first the test accuracy with what it received, before training on
+it; ``evaluate`` sends the client's test accuracy with what the server sent
+after aggregating; ``query`` says which partition the node holds (the server sends
 pFedHN's nodes the weights generated for their partition).
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..config import ConfigError
 from ..dp import ClientPrivacy
 from ..federation import accuracy, build_clients, load_partition
 from ..methods import get_method
-from .settings import refuse_keyed_noise, settings_from_run_config
+from .settings import EVALUATE_RECEIVED, refuse_keyed_noise, settings_from_run_config
 
 PRIVATE = "private"  # Context.state: the client's private arrays
 PROGRESS = "progress"  # Context.state: rounds trained so far (for the privacy accountant and the audit)
@@ -109,14 +111,15 @@ def client_evaluation(context: Context, received: dict) -> dict:
             "global-acc": accuracy(model, data.test_x, data.test_y)}
 
 
-AGGREGATION_METRICS = ("num-examples", "partition-id")  # all a DP client sends besides its upload, by default
+AGGREGATION_METRICS = ("num-examples", "partition-id")  # all a client sends besides its upload, by default
 
 
 def replied_metrics(context: Context, metrics: dict) -> dict:
-    """What of ``metrics`` leaves this node: everything, or for a DP method (unless the run config opts in with
-    client-metrics) only what aggregation needs."""
-    settings = client_of(context)[0]
-    if get_method(settings.cfg.method).dp and not settings.client_metrics:
+    """What of ``metrics`` leaves this node: only what aggregation needs (its upload's weight, and its partition
+    id, which orders the aggregation and addresses pFedHN's messages), unless the run config opts in with
+    client-metrics: then also its train loss, local and global test accuracy (computed on its private records
+    without noise; their steps reveal its test-set size), rounds trained before, and for DP methods epsilon."""
+    if not client_of(context)[0].client_metrics:
         return {k: v for k, v in metrics.items() if k in AGGREGATION_METRICS}
     return metrics
 
@@ -126,7 +129,11 @@ def train(msg: Message, context: Context) -> Message:
     """Receive the global state, train, reply with the upload and the figures (see :func:`replied_metrics`)."""
     refuse_keyed_noise(client_of(context)[0].cfg)
     device = client_of(context)[2].train_x.device
-    upload, metrics = client_round(context, received_state(msg, device), int(msg.content["config"]["server-round"]))
+    config, received = msg.content["config"], received_state(msg, device)
+    evaluated = client_evaluation(context, received) if config.get(EVALUATE_RECEIVED, False) else None
+    upload, metrics = client_round(context, received, int(config["server-round"]))
+    if evaluated:  # the previous round's aggregated state, with the private part it was trained with
+        metrics["global-acc"] = evaluated["global-acc"]
     content = RecordDict({"metrics": MetricRecord(replied_metrics(context, metrics))})
     if upload:
         content["arrays"] = ArrayRecord(upload)
@@ -135,14 +142,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition (client) this node holds: a server that sends every client its own
-    weights (pFedHN) addresses its messages by it."""
+    """Tell the server which partition (client) this node holds, of how many: a server that sends every client
+    its own weights (pFedHN) addresses its messages by it, and a run whose clients differ from num-partitions
+    stops at once."""
     try:
-        partition_id = int(context.node_config["partition-id"])
+        partition_id, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except (KeyError, ValueError):
         raise ConfigError("node config: set integer partition-id and num-partitions "
                           "(flower-supernode --node-config 'partition-id=0 num-partitions=20')") from None
-    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition_id,
+                                                                "num-partitions": partitions})}), reply_to=msg)
 
 
 @app.evaluate()

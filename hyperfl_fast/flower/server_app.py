@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Callable, Iterable
 
 import torch
@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..checkpoint import check_writable, save_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import DATASET_SHAPES
 from ..engines import STATE_FORMAT
 from ..federation import ClientResult
@@ -52,7 +52,7 @@ from ..methods import Method, get_method
 from ..dp import ClientPrivacy
 from ..metrics import round_line, round_record, write_metrics
 from ..models import cnn_spec
-from .settings import FlowerSettings, refuse_keyed_noise, settings_from_run_config
+from .settings import EVALUATE_RECEIVED, FlowerSettings, refuse_keyed_noise, settings_from_run_config
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 
@@ -62,10 +62,11 @@ class FederationError(RuntimeError):
 
 
 def mean_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """The plain mean over clients of each reported figure (as the in-process log averages them)."""
+    """The plain mean over clients of each reported figure (as the in-process log averages them), over the clients
+    that report it."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
-    keys = [k for k in metrics[0] if k not in (weighting_key, "partition-id")]
-    return MetricRecord({k: sum(float(m[k]) for m in metrics) / len(metrics) for k in keys})
+    keys = dict.fromkeys(k for m in metrics for k in m if k not in (weighting_key, "partition-id"))
+    return MetricRecord({k: sum(float(m[k]) for m in metrics if k in m) / sum(k in m for m in metrics) for k in keys})
 
 
 class UploadAuditingFedAvg(FedAvg):
@@ -90,16 +91,30 @@ class UploadAuditingFedAvg(FedAvg):
         self.rounds: list[dict] = []
         self.trained: dict[int, dict] = {}  # this round's train reports by partition id
         self.failed: list[str] = []
-        self.started = time.perf_counter()
+        self.started = self.evaluate_started = time.perf_counter()  # this round's train and evaluate phases
+        # Clients evaluate only when they send their figures (client-metrics).  Evaluation folded into the next
+        # train message: every client trains every round (frac 1), so the clients that would evaluate round r's
+        # state are the ones that receive it to train round r + 1, and their private parts have not changed in
+        # between.  Round r is then recorded when round r + 1's replies arrive; the last round is evaluated by an
+        # evaluate message as usual.
+        self.evaluates = settings.client_metrics
+        self.fold = self.evaluates and settings.fold_evaluation and settings.cfg.frac == 1.0
+        # the last trained round, until it is recorded: (train reports, seconds, failures, epsilons)
+        self.pending: tuple[dict[int, dict], float, list[str], dict[int, float]] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.started, self.trained, self.failed = time.perf_counter(), {}, []
         self.current = arrays.to_torch_state_dict()
+        if self.fold and server_round > 1:  # the nodes evaluate what they receive before they train on it
+            config = ConfigRecord({**config, EVALUATE_RECEIVED: True})
         return self.addressed(super().configure_train(server_round, arrays, config, grid), grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if not self.evaluates or (self.fold and server_round < self.cfg.rounds):
+            return []  # no figures asked for, or evaluated with the next round's train messages
+        self.evaluate_started = time.perf_counter()
         self.current = arrays.to_torch_state_dict()  # the aggregated state
         return self.addressed(super().configure_evaluate(server_round, arrays, config, grid), grid)
 
@@ -195,30 +210,45 @@ class UploadAuditingFedAvg(FedAvg):
                     audit.write(json.dumps({"round": server_round, "partition-id": pid,
                                             "arrays": {k: list(t.shape) for k, t in upload.items()},
                                             "metrics": dict(metrics)}) + "\n")
+        if self.fold and server_round > 1:  # these replies carry the evaluation of the previous round's state
+            self.record(server_round - 1, *self.pending[:2], {int(m.content["metrics"]["partition-id"]):
+                                                              m.content["metrics"] for m in accepted}, *self.pending[2:])
+        self.pending = (self.trained, time.perf_counter() - self.started, list(self.failed),
+                        {pid: p.epsilons()[0] for pid, p in self.privacy.items()})
+        if not self.evaluates:
+            self.record(server_round, *self.pending[:2], {}, *self.pending[2:])
         metrics = mean_metrics([m.content for m in accepted], self.weighted_by_key)
         if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
             return None, metrics
         return ArrayRecord(self.method.aggregate(self.current, uploads, weights, senders)), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        if not self.evaluates or (self.fold and server_round < self.cfg.rounds):
+            return None  # recorded with the round's train replies, or when the next round's arrive
         good = self._check_replies(server_round, replies, "evaluate")
         evaluated = {int(m.content["metrics"]["partition-id"]): m.content["metrics"] for m in good}
+        trained, seconds, _, epsilons = self.pending
+        self.record(server_round, trained, seconds + time.perf_counter() - self.evaluate_started, evaluated,
+                    self.failed, epsilons)
+        return super().aggregate_evaluate(server_round, good)
 
+    def record(self, server_round: int, trained: dict[int, dict], seconds: float, evaluated: dict[int, dict],
+               failed: list[str], epsilons: dict[int, float]) -> None:
+        """Round ``server_round``'s record from its train reports, the evaluation of its aggregated state (a client
+        that did not evaluate it has no global accuracy) and the clients' epsilons after it: appended to the metrics
+        files and logged."""
         def figure(metrics, key):  # a DP client reports no figures unless the run opts in
             return float(metrics[key]) if key in metrics else None
 
-        epsilons = {pid: p.epsilons()[0] for pid, p in self.privacy.items()}
         results = [ClientResult(pid, figure(t, "train-loss"), figure(t, "local-acc"),
-                                figure(evaluated[pid], "global-acc"), epsilons.get(pid))
-                   for pid, t in sorted(self.trained.items()) if pid in evaluated]
+                                figure(evaluated.get(pid, {}), "global-acc"), epsilons.get(pid))
+                   for pid, t in sorted(trained.items())]
         all_epsilons = [epsilons.get(pid, 0.0) for pid in range(self.cfg.clients)] if self.method.dp else None
-        record = round_record(self.cfg, server_round - 1, results, time.perf_counter() - self.started,
-                              all_epsilons)
-        record["failures"] = self.failed
+        record = round_record(self.cfg, server_round - 1, results, seconds, all_epsilons)
+        record["failures"] = failed
         self.rounds.append(record)
         write_metrics(self.settings.output_dir, self.cfg, self.rounds)
         log(INFO, "hyperfl_fast: %s", round_line(self.cfg, record))
-        return super().aggregate_evaluate(server_round, good)
 
 
 def initial_global_state(cfg: Config) -> dict[str, torch.Tensor]:
@@ -229,10 +259,32 @@ def initial_global_state(cfg: Config) -> dict[str, torch.Tensor]:
     return shared
 
 
+def check_node_partitions(grid: Grid, settings: FlowerSettings) -> None:
+    """Fail fast, in one line, when the SuperNodes split the data otherwise than the run: every node's
+    num-partitions must equal the run's clients.  Asked only while fewer nodes are connected than a round needs
+    (else Flower would wait for them forever, "minimum required: 20"), with one query message per node."""
+    nodes = list(grid.get_node_ids())
+    if not nodes or len(nodes) >= settings.min_clients:
+        return
+    asked = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                     message_type=MessageType.QUERY) for node in nodes]
+    clients = settings.cfg.clients
+    for reply in grid.send_and_receive(asked, timeout=min(settings.round_timeout, 120)):
+        if reply.has_error() or "num-partitions" not in reply.content["metrics"]:
+            continue
+        partitions = int(reply.content["metrics"]["num-partitions"])
+        if partitions != clients:
+            raise ConfigError(f"run config: clients={clients}, but SuperNode {reply.metadata.src_node_id} holds "
+                              f"partition {int(reply.content['metrics']['partition-id'])} of num-partitions="
+                              f"{partitions}; set clients={partitions} (flwr run --run-config 'clients={partitions}') "
+                              f"or start the nodes with num-partitions={clients}")
+
+
 def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook | None = None) -> dict:
     """Run ``settings.cfg.rounds`` rounds over the connected SuperNodes; returns the final global state."""
     cfg = settings.cfg
     check_writable(settings.output_dir)
+    check_node_partitions(grid, settings)
     shared = initial_global_state(cfg)
     method = get_method(cfg.method)
     # a client uploads (the change of) what it received: the global state, or what was generated for it
@@ -257,6 +309,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """The ServerApp's entry point: settings from the run config, then the federation."""
-    settings = settings_from_run_config(context.run_config)
-    refuse_keyed_noise(settings.cfg)
-    run_federation(grid, settings)
+    try:
+        settings = settings_from_run_config(context.run_config)
+        refuse_keyed_noise(settings.cfg)
+        run_federation(grid, settings)
+    except (ConfigError, FederationError) as exc:  # one line first; Flower then logs the traceback and fails the run
+        log(ERROR, "hyperfl_fast: %s", exc)
+        raise

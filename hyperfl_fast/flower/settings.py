@@ -3,19 +3,24 @@
 Keys are the training CLI's flags without the dashes in front (``local-epochs``, ``client-init``, ...), plus
 the federation's own: ``output-dir`` (where the server writes metrics; "" = runs/flower-<dataset>-<method>),
 ``min-clients`` (the fewest replies a round may aggregate; 0 = all ``clients``), ``round-timeout`` (seconds
-the server waits for a round's replies), ``audit-uploads`` (write every received upload's keys and shapes) and
-``client-metrics`` (DP methods: clients also send their train loss, local and global test accuracy and epsilon;
-by default a DP client sends only its upload, its data size and its partition id: those figures are computed
-on its private records without noise; the server accounts every client's epsilon itself from what it sees).
+the server waits for a round's replies), ``audit-uploads`` (write every received upload's keys and shapes),
+``client-metrics`` (default false: a client sends only its upload, its data size and its partition id; with
+true also its train loss, local and global test accuracy, rounds trained before and, for DP methods, epsilon:
+figures computed on its private records without noise, whose accuracy steps reveal its test-set size; the
+server accounts every DP client's epsilon itself from what it sees either way) and ``fold-evaluation`` (default true: with frac 1 the nodes evaluate the aggregated state when it arrives with the
+next train message instead of in a message of its own, which saves a ClientApp process per node and round;
+the last round is evaluated by itself).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError
 
-FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads", "client-metrics"}
+FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads", "client-metrics", "fold-evaluation"}
+EVALUATE_RECEIVED = "evaluate-received"  # a train message's config: evaluate the received state before training
 OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
 
 
@@ -28,7 +33,8 @@ class FlowerSettings:
     min_clients: int  # a round whose replies are fewer stops the run
     round_timeout: float  # seconds
     audit_uploads: bool
-    client_metrics: bool  # DP methods: clients send their figures too (opt-in; see the module docs)
+    client_metrics: bool  # clients send their figures too (opt-in; see the module docs)
+    fold_evaluation: bool = True  # evaluate with the next train message where every client trains every round
 
 
 def settings_from_run_config(run_config: dict) -> FlowerSettings:
@@ -43,7 +49,10 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
         if name not in fields:
             raise ConfigError(f"run config: unknown key {key!r}")
         values[name] = None if name in OPTIONAL_SIZES and value == 0 else value
-    cfg = Config(**values).validate()
+    try:
+        cfg = Config(**values).validate()
+    except ConfigError as exc:  # the training CLI's message names flags (--lr): here they are run-config keys
+        raise ConfigError("run config: " + re.sub(r"--([a-z][a-z0-9-]*)", r"\1", str(exc))) from None
     min_clients = run_config.get("min-clients", 0) or cfg.clients
     if not isinstance(min_clients, int) or not 0 < min_clients <= cfg.clients:
         raise ConfigError(f"run config: min-clients must be an integer in [0, clients={cfg.clients}], "
@@ -53,7 +62,7 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
         raise ConfigError(f"run config: round-timeout must be a positive number of seconds, got {timeout!r}")
     out = Path(run_config.get("output-dir") or f"runs/flower-{cfg.dataset}-{cfg.method}")
     return FlowerSettings(cfg, out, min_clients, float(timeout), bool(run_config.get("audit-uploads", False)),
-                          bool(run_config.get("client-metrics", False)))
+                          bool(run_config.get("client-metrics", False)), bool(run_config.get("fold-evaluation", True)))
 
 
 def refuse_keyed_noise(cfg: Config) -> None:

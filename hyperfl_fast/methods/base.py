@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..dp import ClientNoise
 from ..federation import ClientData, accuracy, weighted_average
 from ..models import CNNSpec
+from ..ops.sgd import SGD
 
 State = dict[str, torch.Tensor]
 
@@ -39,9 +40,10 @@ class ClientUpdate:
     local_acc: float  # test accuracy of the locally trained model
 
 
-def sgd(params, cfg, lr: float) -> torch.optim.SGD:
-    """The paper's optimizer: SGD with momentum and weight decay, fresh state each round."""
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def sgd(params, cfg, lr: float) -> SGD:
+    """The paper's optimizer: SGD with momentum and weight decay (``torch.optim.SGD``'s arithmetic), fresh state
+    each round."""
+    return SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def load_module(module: torch.nn.Module, state: State, copy: bool = True) -> torch.nn.Module:

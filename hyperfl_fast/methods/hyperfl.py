@@ -28,12 +28,13 @@ from ..lockstep.evaluation import batched_accuracy, classify, client_results
 from ..lockstep.graphs import StepGraph
 from ..lockstep.hypernet import LockstepHypernetwork
 from ..models import (CNNSpec, GeneratedCNN, HyperNetwork, extract_features_batched, init_hyperfl, split_theta)
+from ..ops.sgd import SGD
 from .base import ATTACK, CUDA_GRAPHS, ClientUpdate, Method, State, detached, load_module, register, sgd
 
 PRIVATE_KEYS = ("embedding", "classifier.weight", "classifier.bias")  # never leave the client
 
 
-def hypernet_step(model: GeneratedCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def hypernet_step(model: GeneratedCNN, optimizer: SGD, x: torch.Tensor, y: torch.Tensor,
                   grad_clip: float) -> float:
     """One hypernetwork-phase step: loss -> theta -> (psi, v) by the chain rule, clip, SGD.
 

@@ -52,6 +52,7 @@ from ..lockstep.evaluation import batched_accuracy, client_losses, client_result
 from ..lockstep.optim import StackedSGD
 from ..models import CNNSpec, HyperNetwork, join_flat, split_flat
 from ..ops.generate import reference as generate_reference
+from ..ops.sgd import SGD
 from .base import ATTACK, ClientUpdate, Method, State, detached, register
 from .full_model import cnn_from
 
@@ -86,16 +87,16 @@ def generate(server: State, embedding: torch.Tensor) -> torch.Tensor:
     return generate_reference(embedding[None], *(server[k] for k in HYPER_KEYS))[0]
 
 
-def client_sgd(params) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=SETTINGS.client_lr, momentum=SETTINGS.client_momentum,
+def client_sgd(params) -> SGD:
+    return SGD(params, lr=SETTINGS.client_lr, momentum=SETTINGS.client_momentum,
                            weight_decay=SETTINGS.client_weight_decay)
 
 
 def server_steps(server: State, grads: list[dict[str, torch.Tensor]]) -> State:
     """The server's SGD steps, one per client gradient in turn (clipped over all of its tensors), with
-    the momentum buffers the state carries; returns the new state.  ``torch.optim.SGD``: the reference path."""
+    the momentum buffers the state carries; returns the new state.  ``torch.optim.SGD``'s arithmetic: the reference path."""
     params = {k: torch.nn.Parameter(server[k].detach().clone()) for k in SERVER_KEYS}
-    optimizer = torch.optim.SGD(list(params.values()), lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
+    optimizer = SGD(list(params.values()), lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
                                 weight_decay=SETTINGS.server_weight_decay)
     for k, p in params.items():  # a zero buffer gives SGD's first step (buf = d) exactly
         optimizer.state[p]["momentum_buffer"] = server[momentum_key(k)].detach().clone()

@@ -24,13 +24,14 @@ from ..lockstep.dp_step import private_step_grads
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
 from ..models import CNNSpec, TargetCNN, init_private_classifiers
+from ..ops.sgd import SGD
 from .base import ATTACK, POISSON, ClientUpdate, Method, State, detached, mean_loss, record_loss, sgd
 from .full_model import cnn_from
 
 CLASSIFIER_KEYS = ("fc2.weight", "fc2.bias")  # private, never uploaded
 
 
-def classifier_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+def classifier_step(model: TargetCNN, optimizer: SGD, x: torch.Tensor, y: torch.Tensor) -> None:
     """A non-private SGD step of the classifier alone (``optimizer`` holds only its parameters)."""
     if len(y):  # (an empty Poisson batch has nothing to train on)
         optimizer.zero_grad()
@@ -38,7 +39,7 @@ def classifier_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x: torch
         optimizer.step()
 
 
-def private_representation_step(model: TargetCNN, optimizer: torch.optim.Optimizer, x, y, cfg: Config,
+def private_representation_step(model: TargetCNN, optimizer: SGD, x, y, cfg: Config,
                                 noise: ClientNoise, data: ClientData, round_idx: int, epoch: int, step: int) -> None:
     """A DP-SGD step of the representation (``optimizer``'s parameters) with the client's noise."""
     features = [p for group in optimizer.param_groups for p in group["params"]]
@@ -166,7 +167,7 @@ class RepresentationDP(Method):
                 private_representation_step(model, feature_sgd, x, y, cfg, noise, data, round_idx, epoch, step)
         return mean_loss(losses)
 
-    def optimizers(self, model: TargetCNN, cfg: Config) -> tuple[torch.optim.SGD, torch.optim.SGD]:
+    def optimizers(self, model: TargetCNN, cfg: Config) -> tuple[SGD, SGD]:
         """(classifier SGD at ``classifier_lr``, representation SGD at ``lr``)."""
         features = [p for name, p in model.named_parameters() if name not in CLASSIFIER_KEYS]
         return sgd(model.fc2.parameters(), cfg, cfg.classifier_lr), sgd(features, cfg, cfg.lr)

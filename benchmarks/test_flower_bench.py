@@ -1,0 +1,50 @@
+"""Seconds per Flower round on a loopback deployment (a SuperLink and three SuperNodes as processes on this
+machine), the tiny synthetic setting of tests/test_flower.py, 4 rounds, three ways side by side:
+
+- ``default``: clients send only their uploads and data sizes (no figures, so no evaluation);
+- ``figures``: ``client-metrics=true``, evaluation folded into the next train message (the last round has
+  its own evaluate message);
+- ``figures-unfolded``: ``client-metrics=true fold-evaluation=false``, every round a train and an evaluate
+  message (the app's behaviour before fold-evaluation).
+
+The server's per-round seconds (metrics.json) are the figure: the median over rounds 2-4 (round 1 includes the
+ServerApp's start), and the whole run's wall clock.  Flower starts a ClientApp process per message and polls
+every 3 s on the SuperNode and on the ServerApp, so most of a round is Flower's, not this package's.
+    pytest benchmarks/test_flower_bench.py --benchmark-only -s
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_flower import deployment, flwr_run, run_config, stop  # noqa: E402  (the tests' loopback deployment)
+
+CASES = {"default": {"client_metrics": False}, "figures": {"client_metrics": True},
+         "figures-unfolded": {"client_metrics": True, "fold_evaluation": False}}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flower_round(benchmark, case, tmp_path):
+    out = tmp_path / "out"
+
+    def run():
+        start = time.perf_counter()
+        with deployment(tmp_path) as (env, _):
+            process = flwr_run(env, run_config(out, rounds=4, audit_uploads=False, **CASES[case]))
+            try:
+                log, _ = process.communicate(timeout=600)
+            finally:
+                stop(process)
+        assert (out / "metrics.json").exists(), log[-3000:]
+        return time.perf_counter() - start
+
+    wall = benchmark.pedantic(run, rounds=1, iterations=1)
+    seconds = [r["seconds"] for r in json.loads((out / "metrics.json").read_text())["rounds"]]
+    benchmark.extra_info.update({"round_seconds": [round(s, 2) for s in seconds], "wall_s": round(wall, 1),
+                                 "median_round_s_2_to_4": round(statistics.median(seconds[1:]), 2)})
+    print(f"\n{case}: rounds {[round(s, 1) for s in seconds]} s, wall {wall:.1f} s")
