@@ -108,8 +108,10 @@ class BackgroundWriter:
 
 
 def load_checkpoint(path: Path, device: torch.device,
-                    advice: str = "delete it to start afresh, or pass another --output-dir") -> tuple[dict, bool]:
-    """Read and verify a checkpoint: (state, verified); verified is False for files from before digests.
+                    advice: str = "delete it to start afresh, or pass another --output-dir",
+                    required: tuple[str, ...] = ("config", "engine", "rounds")) -> tuple[dict, bool]:
+    """Read and verify a checkpoint holding at least the ``required`` keys: (state, verified); verified is False
+    for files from before digests.
 
     Every problem is a :class:`CheckpointError` naming the file and ending in ``advice``.
     """
@@ -118,7 +120,7 @@ def load_checkpoint(path: Path, device: torch.device,
     except Exception as exc:  # truncated, empty, text, garbage: torch raises many types
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); {advice}") from None
-    if not isinstance(state, dict) or not {"config", "engine", "rounds"} <= state.keys():
+    if not isinstance(state, dict) or not set(required) <= state.keys():
         raise CheckpointError(f"{path} is not a hyperfl_fast checkpoint (its contents are not a run's state); {advice}")
     if "sha256" not in state:
         return state, False

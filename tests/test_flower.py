@@ -64,7 +64,8 @@ def deployment(tmp_path: Path, nodes: int = 3):
         start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
               "--port", str(port))
         supernodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                            "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={nodes}")
+                            "--port", str(free_port()), "--node-config",
+                            f'partition-id={i} num-partitions={nodes} state-dir="{tmp_path / f"node{i}"}"')
                       for i in range(nodes)]
         yield env, supernodes
     finally:
@@ -122,8 +123,9 @@ def test_hyperfl_on_a_loopback_deployment(tmp_path):
     for upload in audit:
         assert set(upload["arrays"]) == {"fc.weight", "fc.bias", "heads.weight", "heads.bias"}
         assert not any(k.startswith(("embedding", "classifier")) for k in upload["arrays"])
-    # each client's private state lived on from round 1 to round 2 (Context.state)
+    # each client's private state lived on from round 1 to round 2 (Context.state), and on the node's disk
     assert [a["metrics"]["rounds-before"] for a in audit if a["round"] == 2] == [1, 1, 1]
+    assert [len(list((tmp_path / f"node{i}").glob("run-*/partition-*.pt"))) for i in range(3)] == [1, 1, 1]
 
     # the global hypernetwork equals the in-process reference run's
     saved, verified = load_checkpoint(out / "global.pt", torch.device("cpu"))
@@ -159,7 +161,9 @@ def test_a_supernode_that_dies_in_round_2(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 2, log[-3000:]
     first, second = metrics["rounds"]
-    assert [c["client"] for c in second["clients"]] == [0, 1] and second["failures"]
+    assert [c["client"] for c in second["clients"]] == [0, 1]
+    # the failure names the dead node and its partition (the error reply itself comes from the SuperLink)
+    assert len(second["failures"]) == 1 and "(partition 2)" in second["failures"][0], second["failures"]
     # round 1 was evaluated with round 2's train messages (fold-evaluation): the dead node's evaluation is missing
     assert [c["global_acc"] is None for c in first["clients"]] == [False, False, True] and not first["failures"]
     saved, _ = load_checkpoint(out / "global.pt", torch.device("cpu"))
@@ -307,6 +311,49 @@ def test_nodes_with_another_num_partitions_stop_the_run_in_one_line(tmp_path, mo
     check_node_partitions(fitting, settings_from_run_config({"dataset": "synthetic", "clients": 3,
                                                              "output-dir": str(tmp_path)}))
     assert fitting.asked == [MessageType.QUERY] * 2
+
+
+def test_a_restarted_node_restores_its_private_state_or_refuses_to_train(tmp_path):
+    """Each round the node writes its private state (atomically, with a digest) under its state-dir; a restarted
+    node (empty Context.state) reads it back; if it is gone while the server has aggregated from that partition
+    before, the node refuses in one line unless fresh-start=true; a damaged file is refused too."""
+    from flwr.app import Context, RecordDict
+
+    from hyperfl_fast.config import ConfigError
+    from hyperfl_fast.flower import client_app
+    from hyperfl_fast.flower.server_app import initial_global_state
+
+    run_config = {k.replace("_", "-"): v for k, v in {**SETTINGS, "clients": 2}.items()}
+    node_config = {"partition-id": 1, "num-partitions": 2, "state-dir": str(tmp_path)}
+
+    def context(**extra):
+        return Context(run_id=7, node_id=1, node_config={**node_config, **extra}, state=RecordDict(),
+                       run_config=run_config)
+
+    first = context()
+    global_state = initial_global_state(client_app.client_of(first)[0].cfg)
+    client_app.client_round(first, global_state, 1)
+    path = tmp_path / "run-7" / "partition-1.pt"
+    assert path.exists() and client_app.state_file(first) == path
+
+    restarted = context()
+    client_app.restore_private(restarted, 1)
+    assert client_app.rounds_trained(restarted) == 1
+    want, got = first.state["private"].to_torch_state_dict(), restarted.state["private"].to_torch_state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert client_app.client_round(restarted, global_state, 2)[1]["rounds-before"] == 1
+
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"^node state: partition 1 of run 7 trained 2 rounds before, but its "
+                                          r"private state is not in .*fresh-start=true$"):
+        client_app.restore_private(context(), 2)
+    client_app.restore_private(context(), 0)  # never aggregated from: the seeded start is its state
+    with pytest.warns(UserWarning, match="starts afresh"):
+        client_app.restore_private(context(**{"fresh-start": True}), 2)
+
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="partition-1.pt"):
+        client_app.restore_private(context(), 2)
 
 
 def test_bad_run_config_is_one_line():

@@ -21,20 +21,27 @@ pFedHN's nodes the weights generated for their partition).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import ConfigError
 from ..dp import ClientPrivacy
 from ..federation import accuracy, build_clients, load_partition
 from ..methods import get_method
-from .settings import EVALUATE_RECEIVED, refuse_keyed_noise, settings_from_run_config
+from .settings import EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, refuse_keyed_noise, settings_from_run_config
 
 PRIVATE = "private"  # Context.state: the client's private arrays
 PROGRESS = "progress"  # Context.state: rounds trained so far (for the privacy accountant and the audit)
+# Node config: where the node keeps its private state on disk (it survives a restart of the SuperNode), and
+# whether a node whose state is gone may start again from the seeded start (its privacy accounting restarts).
+STATE_DIR, FRESH_START = "state-dir", "fresh-start"
+DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "hyperfl_fast" / "flower"
 
 app = ClientApp()
 
@@ -77,6 +84,43 @@ def rounds_trained(context: Context) -> int:
     return int(context.state[PROGRESS]["rounds"]) if PROGRESS in context.state else 0
 
 
+def state_file(context: Context) -> Path:
+    """The node's private state on disk: ``<state-dir>/run-<run id>/partition-<id>.pt`` (node config state-dir,
+    default ~/.local/state/hyperfl_fast/flower)."""
+    folder = Path(str(context.node_config.get(STATE_DIR) or DEFAULT_STATE_DIR)).expanduser()
+    return folder / f"run-{context.run_id}" / f"partition-{int(context.node_config['partition-id'])}.pt"
+
+
+def save_private(context: Context) -> None:
+    """Write ``Context.state``'s private arrays and rounds to :func:`state_file`, atomically, with a digest."""
+    path = state_file(context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {"run-id": context.run_id, "rounds": rounds_trained(context),
+                           "private": context.state[PRIVATE].to_torch_state_dict()})
+
+
+def restore_private(context: Context, rounds_before: int | None) -> None:
+    """After a restart (``Context.state`` empty): the private state from :func:`state_file`.  A node the server
+    has aggregated from before (``rounds_before``, sent with the train message) whose file is missing refuses to
+    train, in one line, unless its node config says fresh-start=true: its embedding, classifier and privacy
+    accounting are gone, and restarting them silently would misreport epsilon."""
+    if PROGRESS in context.state:
+        return
+    path = state_file(context)
+    if path.exists():
+        saved, _ = load_checkpoint(path, torch.device("cpu"), f"delete it and start the node with node config "
+                                   f"{FRESH_START}=true", required=("run-id", "rounds", "private", "sha256"))
+        context.state[PRIVATE] = ArrayRecord(saved["private"])
+        context.state[PROGRESS] = ConfigRecord({"rounds": int(saved["rounds"])})
+    elif rounds_before:
+        where = f"partition {int(context.node_config['partition-id'])} of run {context.run_id}"
+        if not context.node_config.get(FRESH_START, False):
+            raise ConfigError(f"node state: {where} trained {rounds_before} rounds before, but its private state "
+                              f"is not in {path} (the node restarted without it); to start it afresh, losing its "
+                              f"embedding, classifier and privacy accounting, set node config {FRESH_START}=true")
+        warnings.warn(f"node state: {where} starts afresh ({FRESH_START}=true); its privacy accounting restarts")
+
+
 def received_state(msg: Message, device: torch.device) -> dict:
     """The global state a message carries (empty when the method has none)."""
     state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
@@ -94,6 +138,7 @@ def client_round(context: Context, global_state: dict, server_round: int) -> tup
                                   privacy.client(0) if privacy else None)
     context.state[PRIVATE] = ArrayRecord({k: t.cpu() for k, t in update.private.items()})  # stays on the node
     context.state[PROGRESS] = ConfigRecord({"rounds": done + 1})
+    save_private(context)
     metrics = {"num-examples": data.num_train, "partition-id": data.client_id, "train-loss": update.train_loss,
                "local-acc": update.local_acc, "rounds-before": done}
     if privacy:  # the epsilon this client has spent, by its own accountant over every round it trained
@@ -130,6 +175,8 @@ def train(msg: Message, context: Context) -> Message:
     refuse_keyed_noise(client_of(context)[0].cfg)
     device = client_of(context)[2].train_x.device
     config, received = msg.content["config"], received_state(msg, device)
+    aggregated = config.get(ROUNDS_BY_PARTITION)
+    restore_private(context, aggregated[int(context.node_config["partition-id"])] if aggregated else None)
     evaluated = client_evaluation(context, received) if config.get(EVALUATE_RECEIVED, False) else None
     upload, metrics = client_round(context, received, int(config["server-round"]))
     if evaluated:  # the previous round's aggregated state, with the private part it was trained with
@@ -158,5 +205,6 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Reply with the client's test accuracy under the new global state."""
     device = client_of(context)[2].train_x.device
+    restore_private(context, None)
     metrics = replied_metrics(context, client_evaluation(context, received_state(msg, device)))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

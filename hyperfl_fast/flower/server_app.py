@@ -52,7 +52,7 @@ from ..methods import Method, get_method
 from ..dp import ClientPrivacy
 from ..metrics import round_line, round_record, write_metrics
 from ..models import cnn_spec
-from .settings import EVALUATE_RECEIVED, FlowerSettings, refuse_keyed_noise, settings_from_run_config
+from .settings import EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, FlowerSettings, refuse_keyed_noise, settings_from_run_config
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 
@@ -85,6 +85,9 @@ class UploadAuditingFedAvg(FedAvg):
         self.method = method or get_method(settings.cfg.method)
         self.spec = cnn_spec(*DATASET_SHAPES[settings.cfg.dataset])
         self.partitions: dict[int, int] = {}  # node id -> partition id (methods that send each client its own part)
+        self.node_partitions: dict[int, int] = {}  # node id -> the partition id its replies carried
+        self.rounds_aggregated = [0] * settings.cfg.clients  # per partition: rounds its upload was aggregated
+        self.sent: list[Message] = []  # this phase's messages
         self.current: dict[str, torch.Tensor] = {}  # the global state sent this round
         # DP methods: each client's privacy accounting, kept by the server from what it sees (data size, rounds)
         self.privacy: dict[int, ClientPrivacy] = {}
@@ -106,9 +109,10 @@ class UploadAuditingFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.started, self.trained, self.failed = time.perf_counter(), {}, []
         self.current = arrays.to_torch_state_dict()
+        config = ConfigRecord({**config, ROUNDS_BY_PARTITION: list(self.rounds_aggregated)})
         if self.fold and server_round > 1:  # the nodes evaluate what they receive before they train on it
             config = ConfigRecord({**config, EVALUATE_RECEIVED: True})
-        return self.addressed(super().configure_train(server_round, arrays, config, grid), grid)
+        return self.remember(self.addressed(super().configure_train(server_round, arrays, config, grid), grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -116,7 +120,21 @@ class UploadAuditingFedAvg(FedAvg):
             return []  # no figures asked for, or evaluated with the next round's train messages
         self.evaluate_started = time.perf_counter()
         self.current = arrays.to_torch_state_dict()  # the aggregated state
-        return self.addressed(super().configure_evaluate(server_round, arrays, config, grid), grid)
+        return self.remember(self.addressed(super().configure_evaluate(server_round, arrays, config, grid), grid))
+
+    def remember(self, messages: list[Message]) -> list[Message]:
+        """Keep what is sent: an error reply for a dead node comes from the SuperLink, and only the message it
+        answers (its id is set when the grid pushes it) says which node failed."""
+        self.sent = messages
+        return messages
+
+    def node_of(self, reply: Message) -> str:
+        """Who a reply is from, in words: the node the answered message went to, and its partition if known."""
+        node = next((m.metadata.dst_node_id for m in self.sent
+                     if m.metadata.message_id and m.metadata.message_id == reply.metadata.reply_to_message_id),
+                    reply.metadata.src_node_id)
+        partition = self.partitions.get(node, self.node_partitions.get(node))
+        return f"node {node}" + (f" (partition {partition})" if partition is not None else "")
 
     def addressed(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
         """The messages as they leave: for a method whose server sends every client its own part
@@ -153,11 +171,13 @@ class UploadAuditingFedAvg(FedAvg):
     def _check_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
         """The replies that carry results; failures (errors, timeouts, foreign arrays) are logged and counted."""
         replies = list(replies)
-        good = []
+        good, logged = [], len(self.failed)
         for msg in replies:
             if msg.has_error():
-                self.failed.append(f"{phase}: node {msg.metadata.src_node_id}: {msg.error.reason}")
+                self.failed.append(f"{phase}: {self.node_of(msg)}: {msg.error.reason}")
                 continue
+            if "partition-id" in msg.content.metric_records.get("metrics", {}):
+                self.node_partitions[msg.metadata.src_node_id] = int(msg.content["metrics"]["partition-id"])
             arrays = msg.content.array_records.get("arrays")
             keys = set(arrays.keys()) if arrays is not None else set()
             if phase == "train" and keys != set(self.upload_keys):
@@ -174,7 +194,7 @@ class UploadAuditingFedAvg(FedAvg):
             raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
                                   f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
                                   f"{self.settings.output_dir} keeps rounds 1-{len(self.rounds)}")
-        for line in self.failed:
+        for line in self.failed[logged:]:  # each failure once
             log(INFO, "hyperfl_fast: round %s: %s", server_round, line)
         return good
 
@@ -186,11 +206,16 @@ class UploadAuditingFedAvg(FedAvg):
         for msg in good:
             metrics = msg.content["metrics"]
             pid = int(metrics["partition-id"])
+            if not 0 <= pid < self.cfg.clients:
+                self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, which the "
+                                   f"run (clients={self.cfg.clients}) does not have; refused")
+                continue
             if self.method.sends_per_client and self.partitions.get(msg.metadata.src_node_id) != pid:
                 self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, not the "
                                    f"{self.partitions.get(msg.metadata.src_node_id)} it was sent; refused")
                 continue
             accepted.append(msg)
+            self.rounds_aggregated[pid] += 1
             self.trained[pid] = dict(metrics)
             arrays = msg.content.array_records.get("arrays")
             upload = arrays.to_torch_state_dict() if arrays is not None else {}

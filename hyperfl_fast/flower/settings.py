@@ -21,6 +21,9 @@ from ..config import Config, ConfigError
 
 FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads", "client-metrics", "fold-evaluation"}
 EVALUATE_RECEIVED = "evaluate-received"  # a train message's config: evaluate the received state before training
+# a train message's config: how many rounds the server has aggregated from each partition (a restarted node
+# whose private state is gone learns from it that it had one)
+ROUNDS_BY_PARTITION = "rounds-by-partition"
 OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
 
 
