@@ -356,6 +356,29 @@ def test_a_restarted_node_restores_its_private_state_or_refuses_to_train(tmp_pat
         client_app.restore_private(context(), 2)
 
 
+def test_the_readmes_connection_block_works_in_a_clean_home_and_after_flwr_has_run(tmp_path):
+    """The README's ~/.flwr/config.toml lines, run verbatim (twice), leave a file flwr reads, with the connection
+    the README's `flwr run` line names, whether or not flwr had written its own configuration before."""
+    readme = (REPO / "README.md").read_text()
+    block = next(b.split("\n", 1)[1] for b in readme.split("```bash")[1:] if "[superlink.hyperfl-local]" in b)
+    block = block.split("```")[0]
+    assert "flwr run . hyperfl-local" in readme
+    for name, flwr_ran_before in (("clean", False), ("used", True)):
+        env = {**os.environ, "HOME": str(tmp_path / name), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("FLWR_HOME", None)
+        (tmp_path / name).mkdir()
+        if flwr_ran_before:  # flwr writes [superlink] default = "local" and [superlink.local] itself
+            subprocess.run([str(BIN / "flwr"), "ls"], env=env, capture_output=True, timeout=120)
+            assert "[superlink.local]" in (tmp_path / name / ".flwr" / "config.toml").read_text()
+        for _ in range(2):
+            subprocess.run(["bash", "-c", block], env=env, check=True, timeout=60)
+        config = (tmp_path / name / ".flwr" / "config.toml").read_text()
+        assert config.count("[superlink.hyperfl-local]") == 1
+        out = subprocess.run([str(BIN / "flwr"), "ls", "hyperfl-local"], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert "Connection to the SuperLink is unavailable" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
 def test_bad_run_config_is_one_line():
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.settings import settings_from_run_config
