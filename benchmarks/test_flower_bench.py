@@ -10,6 +10,7 @@ machine), the tiny synthetic setting of tests/test_flower.py, 4 rounds, three wa
 The server's per-round seconds (metrics.json) are the figure: the median over rounds 2-4 (round 1 includes the
 ServerApp's start), and the whole run's wall clock.  Flower starts a ClientApp process per message and polls
 every 3 s on the SuperNode and on the ServerApp, so most of a round is Flower's, not this package's.
+``test_flower_simulation_fmnist_20_clients``: the Simulation Engine at the paper's scale.
     pytest benchmarks/test_flower_bench.py --benchmark-only -s
 """
 import json
@@ -26,6 +27,34 @@ from test_flower import deployment, flwr_run, run_config, stop  # noqa: E402  (t
 
 CASES = {"default": {"client_metrics": False}, "figures": {"client_metrics": True},
          "figures-unfolded": {"client_metrics": True, "fold_evaluation": False}}
+
+
+def test_flower_simulation_fmnist_20_clients(benchmark, tmp_path):
+    """Flower's Simulation Engine: 20 virtual SuperNodes in Ray on this machine, the paper's Fashion-MNIST
+    setting (HyperFL, 20 clients, 5 local epochs), 3 rounds; compare with the in-process engines' round
+    (benchmarks/test_round_bench.py).  Needs data/fashion-mnist (make data)."""
+    out = tmp_path / "out"
+    data = Path(__file__).resolve().parents[1] / "data"
+    if not (data / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not in data/fashion-mnist (make data)")
+    config = (f'dataset="fmnist" data-dir="{data}" clients=20 rounds=3 output-dir="{out}" device="cpu" '
+              'client-metrics=true')
+
+    def run():
+        start = time.perf_counter()
+        with deployment(tmp_path, simulation=True) as (env, _):
+            process = flwr_run(env, config, federation_config="num-supernodes=20")
+            try:
+                log, _ = process.communicate(timeout=1200)
+            finally:
+                stop(process)
+        assert (out / "metrics.json").exists(), log[-3000:]
+        return time.perf_counter() - start
+
+    wall = benchmark.pedantic(run, rounds=1, iterations=1)
+    seconds = [r["seconds"] for r in json.loads((out / "metrics.json").read_text())["rounds"]]
+    benchmark.extra_info.update({"round_seconds": [round(s, 2) for s in seconds], "wall_s": round(wall, 1)})
+    print(f"\nsimulation, fmnist, 20 virtual clients: rounds {[round(s, 1) for s in seconds]} s, wall {wall:.1f} s")
 
 
 @pytest.mark.parametrize("case", list(CASES))

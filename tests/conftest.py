@@ -22,6 +22,15 @@ from hyperfl_fast.federation import build_clients
 from hyperfl_fast.partition import partition
 
 
+@pytest.fixture(autouse=True, scope="session")
+def node_state_dir(tmp_path_factory):
+    """Flower ClientApp code run in-process writes its private state under $HYPERFL_NODE_STATE_DIR: a temporary
+    folder, never the user's home."""
+    os.environ["HYPERFL_NODE_STATE_DIR"] = str(tmp_path_factory.mktemp("node-state"))
+    yield
+    os.environ.pop("HYPERFL_NODE_STATE_DIR", None)
+
+
 def small_federation(in_channels=1, clients=4, local_size=60, test_size=40, seed=0, device=torch.device("cpu")):
     """A synthetic dataset split over a few clients, as ClientData on ``device``."""
     data = make_synthetic(in_channels)

@@ -158,9 +158,9 @@ def test_over_flower_a_client_sends_only_what_aggregation_needs(monkeypatch):
     base = {"dataset": "synthetic", "clients": 2, "local-size": 20, "test-size": 10, "local-epochs": 1,
             "batch-size": 10, "rounds": 1, "device": "cpu"}
     metrics = {"num-examples": 20, "partition-id": 1, "train-loss": 0.5, "local-acc": 60.0, "epsilon": 1.2}
-    for method, opt_in, kept in (("dp-fedavg", False, {"num-examples", "partition-id"}),
-                                 ("dp-fedavg", True, set(metrics)), ("hyperfl", False, {"num-examples", "partition-id"}),
-                                 ("hyperfl", True, set(metrics))):
+    aggregation = {"num-examples", "partition-id"}
+    for method, opt_in, kept in (("dp-fedavg", False, aggregation), ("dp-fedavg", True, set(metrics)),
+                                 ("hyperfl", False, aggregation), ("hyperfl", True, set(metrics))):
         run_config = {**base, "method": method, "client-metrics": opt_in}
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2},
                           state=RecordDict(), run_config=run_config)
@@ -187,7 +187,8 @@ def test_the_flower_server_accounts_each_clients_epsilon_itself(tmp_path):
     strategy.current = {"w": torch.zeros(3)}
     sizes = [60, 47, 60]
     for round_idx, pids in enumerate([[0, 1, 2], [0, 2]]):
-        replies = [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=pid + 1),
+        replies = [SimpleNamespace(has_error=lambda: False,
+                                   metadata=SimpleNamespace(src_node_id=pid + 1, reply_to_message_id=""),
                                    content=RecordDict({"arrays": ArrayRecord({"w": torch.ones(3)}),
                                                        "metrics": MetricRecord({"num-examples": sizes[pid],
                                                                                 "partition-id": pid})}))

@@ -31,6 +31,13 @@ SETTINGS = dict(dataset="synthetic", clients=3, rounds=2, local_epochs=1, batch_
                 hidden_dim=16, device="cpu")
 
 
+def replying(node: int):
+    """A fake Flower reply's metadata: from ``node``, answering a message the strategy did not push."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(src_node_id=node, reply_to_message_id="")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,13 +52,16 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def deployment(tmp_path: Path, nodes: int = 3):
-    """A SuperLink and ``nodes`` SuperNodes on loopback; yields (env for `flwr run`, the SuperNode processes)."""
+def deployment(tmp_path: Path, nodes: int = 3, simulation: bool = False):
+    """A SuperLink and ``nodes`` SuperNodes on loopback; yields (env for `flwr run`, the SuperNode processes).
+    With ``simulation``, a SuperLink in simulation mode (the README's command) and no SuperNodes: `flwr run`
+    then asks for virtual ones with --federation-config."""
     home, port = tmp_path / "flwr-home", free_port()
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HYPERFL_NODE_STATE_DIR": str(tmp_path / "node-state")}  # where nodes without a state-dir write
     processes = []
 
     def start(name, *args):
@@ -62,8 +72,8 @@ def deployment(tmp_path: Path, nodes: int = 3):
 
     try:
         start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-              "--port", str(port))
-        supernodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+              "--port", str(port), *(["--simulation"] if simulation else []))
+        supernodes = [] if simulation else [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                             "--port", str(free_port()), "--node-config",
                             f'partition-id={i} num-partitions={nodes} state-dir="{tmp_path / f"node{i}"}"')
                       for i in range(nodes)]
@@ -78,8 +88,9 @@ def run_config(out: Path, **extra) -> str:
     return " ".join(f"{k.replace('_', '-')}={json.dumps(v)}" for k, v in values.items())
 
 
-def flwr_run(env: dict, config: str, timeout: float = 400) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "loopback", "--stream", "--run-config", config],
+def flwr_run(env: dict, config: str, federation_config: str | None = None) -> subprocess.Popen:
+    extra = ["--federation-config", federation_config] if federation_config else []
+    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "loopback", "--stream", "--run-config", config, *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -140,13 +151,31 @@ def test_hyperfl_on_a_loopback_deployment(tmp_path):
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("round,train_loss,local_acc")
 
 
+def test_hyperfl_in_flowers_simulation_engine(tmp_path):
+    """The README's simulation: a SuperLink in simulation mode, 3 virtual SuperNodes in Ray (`flwr run
+    --federation-config num-supernodes=3`), 2 rounds; the global hypernetwork equals the reference engine's."""
+    out = tmp_path / "out"
+    with deployment(tmp_path, simulation=True) as (env, _):
+        process = flwr_run(env, run_config(out, audit_uploads=False), federation_config="num-supernodes=3")
+        try:
+            log, _ = process.communicate(timeout=400)
+        finally:
+            stop(process)
+    assert (out / "global.pt").exists(), log[-3000:]
+    saved, verified = load_checkpoint(out / "global.pt", torch.device("cpu"))
+    assert verified and [r["round"] for r in saved["rounds"]] == [1, 2]
+    assert [c["client"] for c in saved["rounds"][1]["clients"]] == [0, 1, 2]
+    assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1, 2]]))
+    assert len(list((tmp_path / "node-state").glob("run-*/partition-*.pt"))) == 3  # each virtual node's state
+
+
 def test_a_supernode_that_dies_in_round_2(tmp_path):
     """The server gets the dead node's error reply (its heartbeat lapses, about 60 s) or waits round-timeout
     seconds, then aggregates the replies it has (at least min-clients) and
     records the failure; the result is the reference's round 2 over the surviving clients."""
     out = tmp_path / "out"
     with deployment(tmp_path) as (env, supernodes):
-        process = flwr_run(env, run_config(out, min_clients=2, round_timeout=120))
+        process = flwr_run(env, run_config(out, min_clients=2, round_timeout=30))
         try:
             deadline = time.time() + 300
             audit = out / "uploads.jsonl"  # round 1's three uploads arrived: client 2's node dies as round 2 begins
@@ -162,8 +191,9 @@ def test_a_supernode_that_dies_in_round_2(tmp_path):
     assert len(metrics["rounds"]) == 2, log[-3000:]
     first, second = metrics["rounds"]
     assert [c["client"] for c in second["clients"]] == [0, 1]
-    # the failure names the dead node and its partition (the error reply itself comes from the SuperLink)
-    assert len(second["failures"]) == 1 and "(partition 2)" in second["failures"][0], second["failures"]
+    # the failure names the dead node and its partition (no reply at all, or an error reply from the SuperLink)
+    assert second["failures"] and all("(partition 2)" in f for f in second["failures"]), second["failures"]
+    assert any(f.startswith("train: ") for f in second["failures"])
     # round 1 was evaluated with round 2's train messages (fold-evaluation): the dead node's evaluation is missing
     assert [c["global_acc"] is None for c in first["clients"]] == [False, False, True] and not first["failures"]
     saved, _ = load_checkpoint(out / "global.pt", torch.device("cpu"))
@@ -192,7 +222,7 @@ def test_aggregation_does_not_depend_on_arrival_order(tmp_path):
 
     settings = settings_from_run_config({"dataset": "synthetic", "clients": 3, "output-dir": str(tmp_path)})
     generator = torch.Generator().manual_seed(0)
-    replies = [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=pid + 1),
+    replies = [SimpleNamespace(has_error=lambda: False, metadata=replying(pid + 1),
                                content=RecordDict({"arrays": ArrayRecord({"w": torch.randn(999, generator=generator)
                                                                           * 10 ** pid}),
                                                    "metrics": MetricRecord({"num-examples": 60 + 7 * pid,
@@ -227,7 +257,7 @@ def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_p
             return [1, 2]
 
     def replies(metrics):
-        return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=pid + 1),
+        return [SimpleNamespace(has_error=lambda: False, metadata=replying(pid + 1),
                                 content=RecordDict({"arrays": ArrayRecord({"w": torch.ones(3)}), "metrics":
                                                     MetricRecord({"num-examples": 60, "partition-id": pid,
                                                                   **metrics(pid)})}))
@@ -251,7 +281,7 @@ def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_p
     assert [c["global_acc"] for c in strategy.rounds[0]["clients"]] == [40.0, 41.0]
     assert [c["train_loss"] for c in strategy.rounds[0]["clients"]] == [1.0, 2.0]
     assert len(list(strategy.configure_evaluate(2, arrays, ConfigRecord(), Grid()))) == 2  # the last round
-    evaluated = [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=pid + 1),
+    evaluated = [SimpleNamespace(has_error=lambda: False, metadata=replying(pid + 1),
                                  content=RecordDict({"metrics": MetricRecord({"num-examples": 40, "partition-id": pid,
                                                                               "global-acc": 70.0})}))
                  for pid in range(2)]
@@ -293,7 +323,7 @@ def test_nodes_with_another_num_partitions_stop_the_run_in_one_line(tmp_path, mo
         def send_and_receive(self, messages, timeout=None):
             messages = list(messages)
             self.asked += [m.metadata.message_type for m in messages]
-            return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+            return [SimpleNamespace(has_error=lambda: False, metadata=replying(m.metadata.dst_node_id),
                                     content=RecordDict({"metrics": MetricRecord(
                                         {"partition-id": self.nodes.index(m.metadata.dst_node_id),
                                          "num-partitions": self.partitions})})) for m in messages]
@@ -480,7 +510,7 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
             asked.extend(m.metadata.dst_node_id for m in messages)
             assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
             return [SimpleNamespace(has_error=lambda: False,
-                                    metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                    metadata=replying(m.metadata.dst_node_id),
                                     content=RecordDict({"metrics": MetricRecord(
                                         {"partition-id": partition_of[m.metadata.dst_node_id]})}))
                     for m in messages]
@@ -496,7 +526,7 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
         assert msg.content["config"]["server-round"] == 1 and msg.metadata.message_type == MessageType.TRAIN
     uploads = {pid: {k: 0.01 * torch.randn_like(t) for k, t in method.send(spec, shared, pid).items()}
                for pid in range(3)}
-    replies = [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=node),
+    replies = [SimpleNamespace(has_error=lambda: False, metadata=replying(node),
                                content=RecordDict({"arrays": ArrayRecord(uploads[pid]),
                                                    "metrics": MetricRecord({"num-examples": 60, "partition-id": pid,
                                                                             "train-loss": 1.0, "local-acc": 50.0})}))
@@ -504,7 +534,7 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     arrays, _ = strategy.aggregate_train(1, replies)
     want = method.aggregate(shared, [uploads[p] for p in range(3)], [60] * 3, [0, 1, 2])
     assert_equal_states(arrays.to_torch_state_dict(), want)
-    liar = SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=101),
+    liar = SimpleNamespace(has_error=lambda: False, metadata=replying(101),
                            content=RecordDict({"arrays": ArrayRecord(uploads[1]), "metrics": MetricRecord(
                                {"num-examples": 60, "partition-id": 1})}))  # node 101 holds partition 2
     strategy.min_train_nodes = 1

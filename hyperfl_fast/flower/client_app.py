@@ -21,6 +21,7 @@ pFedHN's nodes the weights generated for their partition).
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -41,22 +42,31 @@ PROGRESS = "progress"  # Context.state: rounds trained so far (for the privacy a
 # Node config: where the node keeps its private state on disk (it survives a restart of the SuperNode), and
 # whether a node whose state is gone may start again from the seeded start (its privacy accounting restarts).
 STATE_DIR, FRESH_START = "state-dir", "fresh-start"
+STATE_DIR_ENV = "HYPERFL_NODE_STATE_DIR"  # the default state-dir (Flower's simulation gives no node config)
 DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "hyperfl_fast" / "flower"
 
 app = ClientApp()
 
 
-@lru_cache(maxsize=4)
-def _client(run_config: tuple, partition_id: int):
-    """(settings, spec, this client's data, its initial private state), built once per process."""
+@lru_cache(maxsize=2)
+def _federation(run_config: tuple):
+    """(settings, dataset, splits, spec, every client's initial private state) of a run, built once per process:
+    the split and the seeded draw of the in-process engines, of which each node keeps its own part.  In the
+    Simulation Engine one process serves many virtual nodes, so this is shared by all of them."""
     settings = settings_from_run_config(dict(run_config))
     cfg = settings.cfg
     dataset, splits, spec = load_partition(cfg, log=lambda _: None)
-    device = cfg.torch_device()
-    data = dataclasses.replace(build_clients(dataset, [splits[partition_id]], device)[0], client_id=partition_id)
-    torch.manual_seed(cfg.seed)  # the in-process engines' draw, of which this client keeps its own part
-    _, privates = get_method(cfg.method).init_states(spec, cfg.clients, cfg, device)
-    return settings, spec, data, privates[partition_id]
+    torch.manual_seed(cfg.seed)
+    _, privates = get_method(cfg.method).init_states(spec, cfg.clients, cfg, cfg.torch_device())
+    return settings, dataset, splits, spec, privates
+
+
+@lru_cache(maxsize=1024)  # every virtual node a simulation process serves (a client's data: a few MB at most)
+def _client(run_config: tuple, partition_id: int):
+    """(settings, spec, this client's data, its initial private state)."""
+    settings, dataset, splits, spec, privates = _federation(run_config)
+    data = build_clients(dataset, [splits[partition_id]], settings.cfg.torch_device())[0]
+    return settings, spec, dataclasses.replace(data, client_id=partition_id), privates[partition_id]
 
 
 def client_of(context: Context) -> tuple:
@@ -86,8 +96,9 @@ def rounds_trained(context: Context) -> int:
 
 def state_file(context: Context) -> Path:
     """The node's private state on disk: ``<state-dir>/run-<run id>/partition-<id>.pt`` (node config state-dir,
-    default ~/.local/state/hyperfl_fast/flower)."""
-    folder = Path(str(context.node_config.get(STATE_DIR) or DEFAULT_STATE_DIR)).expanduser()
+    else $HYPERFL_NODE_STATE_DIR, else ~/.local/state/hyperfl_fast/flower)."""
+    folder = Path(str(context.node_config.get(STATE_DIR) or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR))
+    folder = folder.expanduser()
     return folder / f"run-{context.run_id}" / f"partition-{int(context.node_config['partition-id'])}.pt"
 
 

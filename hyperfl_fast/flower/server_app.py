@@ -117,7 +117,7 @@ class UploadAuditingFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if not self.evaluates or (self.fold and server_round < self.cfg.rounds):
-            return []  # no figures asked for, or evaluated with the next round's train messages
+            return self.remember([])  # no figures asked for, or evaluated with the next round's train messages
         self.evaluate_started = time.perf_counter()
         self.current = arrays.to_torch_state_dict()  # the aggregated state
         return self.remember(self.addressed(super().configure_evaluate(server_round, arrays, config, grid), grid))
@@ -130,9 +130,11 @@ class UploadAuditingFedAvg(FedAvg):
 
     def node_of(self, reply: Message) -> str:
         """Who a reply is from, in words: the node the answered message went to, and its partition if known."""
-        node = next((m.metadata.dst_node_id for m in self.sent
-                     if m.metadata.message_id and m.metadata.message_id == reply.metadata.reply_to_message_id),
-                    reply.metadata.src_node_id)
+        return self.describe(next((m.metadata.dst_node_id for m in self.sent if m.metadata.message_id
+                                   and m.metadata.message_id == reply.metadata.reply_to_message_id),
+                                  reply.metadata.src_node_id))
+
+    def describe(self, node: int) -> str:
         partition = self.partitions.get(node, self.node_partitions.get(node))
         return f"node {node}" + (f" (partition {partition})" if partition is not None else "")
 
@@ -172,6 +174,11 @@ class UploadAuditingFedAvg(FedAvg):
         """The replies that carry results; failures (errors, timeouts, foreign arrays) are logged and counted."""
         replies = list(replies)
         good, logged = [], len(self.failed)
+        answered = {msg.metadata.reply_to_message_id for msg in replies}
+        for sent in self.sent:  # a node that died before its heartbeat lapsed sends nothing at all
+            if sent.metadata.message_id and sent.metadata.message_id not in answered:
+                self.failed.append(f"{phase}: {self.describe(sent.metadata.dst_node_id)}: no reply within "
+                                   f"round-timeout={self.settings.round_timeout:g} s")
         for msg in replies:
             if msg.has_error():
                 self.failed.append(f"{phase}: {self.node_of(msg)}: {msg.error.reason}")
