@@ -73,10 +73,10 @@ def deployment(tmp_path: Path, nodes: int = 3, simulation: bool = False):
     try:
         start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
               "--port", str(port), *(["--simulation"] if simulation else []))
-        supernodes = [] if simulation else [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+        supernodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                             "--port", str(free_port()), "--node-config",
                             f'partition-id={i} num-partitions={nodes} state-dir="{tmp_path / f"node{i}"}"')
-                      for i in range(nodes)]
+                      for i in range(0 if simulation else nodes)]
         yield env, supernodes
     finally:
         for process in reversed(processes):

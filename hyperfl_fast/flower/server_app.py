@@ -52,7 +52,8 @@ from ..methods import Method, get_method
 from ..dp import ClientPrivacy
 from ..metrics import round_line, round_record, write_metrics
 from ..models import cnn_spec
-from .settings import EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, FlowerSettings, refuse_keyed_noise, settings_from_run_config
+from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, FlowerSettings, refuse_keyed_noise,
+                       settings_from_run_config)
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 
@@ -243,8 +244,8 @@ class UploadAuditingFedAvg(FedAvg):
                                             "arrays": {k: list(t.shape) for k, t in upload.items()},
                                             "metrics": dict(metrics)}) + "\n")
         if self.fold and server_round > 1:  # these replies carry the evaluation of the previous round's state
-            self.record(server_round - 1, *self.pending[:2], {int(m.content["metrics"]["partition-id"]):
-                                                              m.content["metrics"] for m in accepted}, *self.pending[2:])
+            evaluated = {int(m.content["metrics"]["partition-id"]): m.content["metrics"] for m in accepted}
+            self.record(server_round - 1, *self.pending[:2], evaluated, *self.pending[2:])
         self.pending = (self.trained, time.perf_counter() - self.started, list(self.failed),
                         {pid: p.epsilons()[0] for pid, p in self.privacy.items()})
         if not self.evaluates:

@@ -1,15 +1,15 @@
 """The Flower run config (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config``) as a Config.
 
-Keys are the training CLI's flags without the dashes in front (``local-epochs``, ``client-init``, ...), plus
-the federation's own: ``output-dir`` (where the server writes metrics; "" = runs/flower-<dataset>-<method>),
-``min-clients`` (the fewest replies a round may aggregate; 0 = all ``clients``), ``round-timeout`` (seconds
-the server waits for a round's replies), ``audit-uploads`` (write every received upload's keys and shapes),
-``client-metrics`` (default false: a client sends only its upload, its data size and its partition id; with
-true also its train loss, local and global test accuracy, rounds trained before and, for DP methods, epsilon:
-figures computed on its private records without noise, whose accuracy steps reveal its test-set size; the
-server accounts every DP client's epsilon itself from what it sees either way) and ``fold-evaluation`` (default true: with frac 1 the nodes evaluate the aggregated state when it arrives with the
-next train message instead of in a message of its own, which saves a ClientApp process per node and round;
-the last round is evaluated by itself).
+Keys are the training CLI's flags without the dashes in front (``local-epochs``, ``client-init``, ...), plus the
+federation's own: ``output-dir`` (where the server writes metrics; "" = runs/flower-<dataset>-<method>),
+``min-clients`` (the fewest replies a round may aggregate; 0 = all ``clients``), ``round-timeout`` (seconds the
+server waits for a round's replies), ``audit-uploads`` (write every received upload's keys and shapes),
+``client-metrics`` (default false: a client sends only its upload, its data size and its partition id; with true
+also its train loss, local and global test accuracy, rounds trained before and, for DP methods, epsilon: figures
+computed on its private records without noise, whose accuracy steps reveal its test-set size; the server accounts
+every DP client's epsilon itself from what it sees either way) and ``fold-evaluation`` (default true: with frac 1
+the nodes evaluate the aggregated state when it arrives with the next train message instead of in a message of its
+own, which saves a ClientApp process per node and round; the last round is evaluated by itself).
 """
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ def client_sgd(params) -> SGD:
 
 def server_steps(server: State, grads: list[dict[str, torch.Tensor]]) -> State:
     """The server's SGD steps, one per client gradient in turn (clipped over all of its tensors), with
-    the momentum buffers the state carries; returns the new state.  ``torch.optim.SGD``'s arithmetic: the reference path."""
+    the momentum buffers the state carries; returns the new state.  ``torch.optim.SGD``'s arithmetic: the
+    reference path."""
     params = {k: torch.nn.Parameter(server[k].detach().clone()) for k in SERVER_KEYS}
     optimizer = SGD(list(params.values()), lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
                                 weight_decay=SETTINGS.server_weight_decay)

@@ -10,14 +10,14 @@ call resolves its path in this order:
    its name without ``batched_``);
 3. on the CPU: ``"torch"``;
 4. on CUDA, in ``static`` mode: the op's entry in :data:`STATIC_CUDA` (what a GPU benchmark measured);
-5. on CUDA, in ``measured`` mode (the default): the first call with a given key (op, argument shapes and
-   dtypes, integer arguments, precision) times the torch and Triton paths on its own input (or, for an op with
-   ``measure_on``, on random inputs of the same shapes) with CUDA events (:class:`CudaTimer`; cuDNN's autotuner
-   on, Triton autotuned), checks each against the reference path on that input (outputs and, for
-   differentiable calls, every input gradient) within the precision's tolerance, and keeps the fastest correct
-   one.  When both are rejected the reference path runs, with a warning naming the op and the reasons.  Choices are cached on disk per GPU (name, SM count, driver, torch and
-   Triton versions; :func:`cache_path`), so a later process measures nothing.  A call made while a CUDA graph
-   is being captured never measures: it takes the static entry.
+5. on CUDA, in ``measured`` mode (the default): the first call with a given key (op, argument shapes and dtypes,
+   integer arguments, precision) times the torch and Triton paths on its own input (or, for an op with
+   ``measure_on``, on random inputs of the same shapes) with CUDA events (:class:`CudaTimer`; cuDNN's autotuner on,
+   Triton autotuned), checks each against the reference path on that input (outputs and, for differentiable calls,
+   every input gradient) within the precision's tolerance, and keeps the fastest correct one. When both are
+   rejected the reference path runs, with a warning naming the op and the reasons. Choices are cached on disk per
+   GPU (name, SM count, driver, torch and Triton versions; :func:`cache_path`), so a later process measures
+   nothing. A call made while a CUDA graph is being captured never measures: it takes the static entry.
 
 :func:`stats` counts each op's calls per path and keeps the measured times, for the log line and
 ``metrics.json``.

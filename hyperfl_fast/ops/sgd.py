@@ -2,9 +2,9 @@
 :func:`masked_sgd_` on stacked per-client tensors, for the active clients only.
 
 :func:`masked_sgd_` is shared by the vectorised paths of the fused ops and by the lockstep engine's optimizers
-(``StackedSGD``): one definition of the stacked arithmetic.  Buffers start at zero, which equals SGD's first step (buf = d) exactly.
-Masking is by per-client factors that are exactly 1 or 0, so active clients get torch's arithmetic and
-inactive ones keep their parameters and buffers.
+(``StackedSGD``): one definition of the stacked arithmetic. Buffers start at zero, which equals SGD's first step
+(buf = d) exactly. Masking is by per-client factors that are exactly 1 or 0, so active clients get torch's
+arithmetic and inactive ones keep their parameters and buffers.
 """
 from __future__ import annotations
 
