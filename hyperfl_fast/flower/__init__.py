@@ -3,7 +3,8 @@ client, across machines.  Optional extra: ``pip install hyperfl_fast[flower]``.
 
 - :mod:`.client_app`: the ``ClientApp``. A SuperNode is one client; it trains with the same
   :meth:`~hyperfl_fast.methods.Method.client_update` as the reference engine, keeps its private state in
-  ``Context.state`` and replies with the method's upload (HyperFL: the hypernetwork) and figures, nothing else.
+  ``Context.state`` and in a file of its own (a restart restores it) and replies with the method's upload
+  (HyperFL: the hypernetwork), its data size and partition id (its figures only with client-metrics).
 - :mod:`.server_app`: the ``ServerApp`` and :class:`~.server_app.UploadAuditingFedAvg`, Flower's ``FedAvg``
   with an upload check and hook, the per-round metrics files and the failure policy.
 - :mod:`.settings`: the run config (``[tool.flwr.app.config]`` in ``pyproject.toml``) as a

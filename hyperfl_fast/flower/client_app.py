@@ -3,20 +3,24 @@
 Its partition is ``partition-id`` of ``num-partitions`` (node config), split
 exactly as ``python -m hyperfl_fast.train`` splits the data.  Its private
 state (HyperFL: embedding and classifier) starts from the same seeded draw as
-the in-process engines and lives in ``Context.state`` between rounds; it never
-leaves the node.  Local training is the method's
+the in-process engines and lives in ``Context.state`` between rounds and in
+:func:`state_file` (so a restarted SuperNode carries on); it never leaves the
+node.  Local training is the method's
 :meth:`~hyperfl_fast.methods.Method.client_update`, the reference engine's
 code, with round ``server-round - 1``, so every random draw is keyed by
 (seed, round, client, epoch) just as in-process.
 
 Replies: ``train`` sends the method's upload (HyperFL: the hypernetwork
 arrays; ``local``: none; pFedHN: the change of the weights it received) and a
-MetricRecord of figures (``num-examples`` weights the server's average); when
+MetricRecord (``num-examples``, which weights the server's average, and
+``partition-id``; the figures too with client-metrics, see
+:func:`replied_metrics`); when
 its config says ``evaluate-received`` (the server folds evaluation into
 training), first the test accuracy with what it received, before training on
 it; ``evaluate`` sends the client's test accuracy with what the server sent
-after aggregating; ``query`` says which partition the node holds (the server sends
-pFedHN's nodes the weights generated for their partition).
+after aggregating; ``query`` says which partition the node holds, of how many
+(the server sends pFedHN's nodes the weights generated for their partition, and
+stops a run whose clients differ from num-partitions).
 """
 from __future__ import annotations
 
