@@ -245,7 +245,7 @@ def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_p
 
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from hyperfl_fast.flower.server_app import UploadAuditingFedAvg
+    from hyperfl_fast.flower.server_app import FederationError, UploadAuditingFedAvg
     from hyperfl_fast.flower.settings import EVALUATE_RECEIVED, settings_from_run_config
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -287,6 +287,12 @@ def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_p
                  for pid in range(2)]
     strategy.aggregate_evaluate(2, evaluated)
     assert [r["global_acc"] for r in strategy.rounds] == [40.5, 70.0] and strategy.rounds[1]["local_acc"] == 60.0
+
+    stopped = UploadAuditingFedAvg(settings_from_run_config({**base, **figures, "rounds": 3}), {"w": (3,)})
+    stopped.aggregate_train(1, replies(lambda pid: {"train-loss": 1.0, "local-acc": 50.0}))
+    with pytest.raises(FederationError, match=r"round 2: 0 train replies .* keeps rounds 1-1$"):
+        stopped.aggregate_train(2, [])  # round 1 finished: it is recorded, without its evaluation
+    assert [r["round"] for r in stopped.rounds] == [1] and stopped.rounds[0]["global_acc"] is None
 
     quiet = UploadAuditingFedAvg(settings_from_run_config({**base, "output-dir": str(tmp_path / "quiet")}),
                                  {"w": (3,)})

@@ -199,6 +199,10 @@ class UploadAuditingFedAvg(FedAvg):
             good.append(msg)
         expected = max(self.min_train_nodes, len(replies))
         if len(good) < self.min_train_nodes:
+            if phase == "train" and self.fold and server_round > 1:  # the previous round is complete: keep it
+                self.record(server_round - 1, *self.pending[:2], {int(m.content["metrics"]["partition-id"]):
+                                                                  m.content["metrics"] for m in good},
+                            *self.pending[2:])
             raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
                                   f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
                                   f"{self.settings.output_dir} keeps rounds 1-{len(self.rounds)}")
