@@ -73,13 +73,18 @@ def _client(run_config: tuple, partition_id: int):
     return settings, spec, dataclasses.replace(data, client_id=partition_id), privates[partition_id]
 
 
-def client_of(context: Context) -> tuple:
-    """This node's (settings, spec, data, initial private state); checks its node config against the run."""
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, or a one-line error saying how to set them."""
     try:
-        partition_id, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except (KeyError, ValueError):
         raise ConfigError("node config: set integer partition-id and num-partitions "
                           "(flower-supernode --node-config 'partition-id=0 num-partitions=20')") from None
+
+
+def client_of(context: Context) -> tuple:
+    """This node's (settings, spec, data, initial private state); checks its node config against the run."""
+    partition_id, partitions = node_partition(context)
     settings, spec, data, initial = _client(tuple(sorted(context.run_config.items())), partition_id)
     if partitions != settings.cfg.clients or not 0 <= partition_id < partitions:
         raise ConfigError(f"node config: partition-id {partition_id} of num-partitions {partitions} does not fit "
@@ -103,7 +108,7 @@ def state_file(context: Context) -> Path:
     else $HYPERFL_NODE_STATE_DIR, else ~/.local/state/hyperfl_fast/flower)."""
     folder = Path(str(context.node_config.get(STATE_DIR) or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR))
     folder = folder.expanduser()
-    return folder / f"run-{context.run_id}" / f"partition-{int(context.node_config['partition-id'])}.pt"
+    return folder / f"run-{context.run_id}" / f"partition-{node_partition(context)[0]}.pt"
 
 
 def save_private(context: Context) -> None:
@@ -128,7 +133,7 @@ def restore_private(context: Context, rounds_before: int | None) -> None:
         context.state[PRIVATE] = ArrayRecord(saved["private"])
         context.state[PROGRESS] = ConfigRecord({"rounds": int(saved["rounds"])})
     elif rounds_before:
-        where = f"partition {int(context.node_config['partition-id'])} of run {context.run_id}"
+        where = f"partition {node_partition(context)[0]} of run {context.run_id}"
         if not context.node_config.get(FRESH_START, False):
             raise ConfigError(f"node state: {where} trained {rounds_before} rounds before, but its private state "
                               f"is not in {path} (the node restarted without it); to start it afresh, losing its "
@@ -191,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     device = client_of(context)[2].train_x.device
     config, received = msg.content["config"], received_state(msg, device)
     aggregated = config.get(ROUNDS_BY_PARTITION)
-    restore_private(context, aggregated[int(context.node_config["partition-id"])] if aggregated else None)
+    restore_private(context, aggregated[node_partition(context)[0]] if aggregated else None)
     evaluated = client_evaluation(context, received) if config.get(EVALUATE_RECEIVED, False) else None
     upload, metrics = client_round(context, received, int(config["server-round"]))
     if evaluated:  # the previous round's aggregated state, with the private part it was trained with
@@ -207,11 +212,7 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition (client) this node holds, of how many: a server that sends every client
     its own weights (pFedHN) addresses its messages by it, and a run whose clients differ from num-partitions
     stops at once."""
-    try:
-        partition_id, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except (KeyError, ValueError):
-        raise ConfigError("node config: set integer partition-id and num-partitions "
-                          "(flower-supernode --node-config 'partition-id=0 num-partitions=20')") from None
+    partition_id, partitions = node_partition(context)
     return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition_id,
                                                                 "num-partitions": partitions})}), reply_to=msg)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from logging import ERROR, INFO
 from typing import Callable, Iterable
 
@@ -60,6 +61,22 @@ UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 
 class FederationError(RuntimeError):
     """Too few clients replied in a round to go on."""
+
+
+@dataclass
+class TrainedRound:
+    """A round whose uploads are aggregated, until it is recorded (when its aggregated state is evaluated)."""
+
+    round: int
+    trained: dict[int, dict]  # train reports by partition id
+    seconds: float  # its train phase
+    failed: list[str]
+    epsilons: dict[int, float]  # every DP client's epsilon after it
+
+
+def by_partition(replies: Iterable[Message]) -> dict[int, MetricRecord]:
+    """The replies' metrics by the partition id they carry."""
+    return {int(m.content["metrics"]["partition-id"]): m.content["metrics"] for m in replies}
 
 
 def mean_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -103,8 +120,7 @@ class UploadAuditingFedAvg(FedAvg):
         # evaluate message as usual.
         self.evaluates = settings.client_metrics
         self.fold = self.evaluates and settings.fold_evaluation and settings.cfg.frac == 1.0
-        # the last trained round, until it is recorded: (train reports, seconds, failures, epsilons)
-        self.pending: tuple[dict[int, dict], float, list[str], dict[int, float]] | None = None
+        self.pending: TrainedRound | None = None  # the last trained round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -200,9 +216,7 @@ class UploadAuditingFedAvg(FedAvg):
         expected = max(self.min_train_nodes, len(replies))
         if len(good) < self.min_train_nodes:
             if phase == "train" and self.fold and server_round > 1:  # the previous round is complete: keep it
-                self.record(server_round - 1, *self.pending[:2], {int(m.content["metrics"]["partition-id"]):
-                                                                  m.content["metrics"] for m in good},
-                            *self.pending[2:])
+                self.record(self.pending, by_partition(good))
             raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
                                   f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
                                   f"{self.settings.output_dir} keeps rounds 1-{len(self.rounds)}")
@@ -248,12 +262,11 @@ class UploadAuditingFedAvg(FedAvg):
                                             "arrays": {k: list(t.shape) for k, t in upload.items()},
                                             "metrics": dict(metrics)}) + "\n")
         if self.fold and server_round > 1:  # these replies carry the evaluation of the previous round's state
-            evaluated = {int(m.content["metrics"]["partition-id"]): m.content["metrics"] for m in accepted}
-            self.record(server_round - 1, *self.pending[:2], evaluated, *self.pending[2:])
-        self.pending = (self.trained, time.perf_counter() - self.started, list(self.failed),
-                        {pid: p.epsilons()[0] for pid, p in self.privacy.items()})
+            self.record(self.pending, by_partition(accepted))
+        self.pending = TrainedRound(server_round, self.trained, time.perf_counter() - self.started, list(self.failed),
+                                    {pid: p.epsilons()[0] for pid, p in self.privacy.items()})
         if not self.evaluates:
-            self.record(server_round, *self.pending[:2], {}, *self.pending[2:])
+            self.record(self.pending, {})
         metrics = mean_metrics([m.content for m in accepted], self.weighted_by_key)
         if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
             return None, metrics
@@ -263,26 +276,24 @@ class UploadAuditingFedAvg(FedAvg):
         if not self.evaluates or (self.fold and server_round < self.cfg.rounds):
             return None  # recorded with the round's train replies, or when the next round's arrive
         good = self._check_replies(server_round, replies, "evaluate")
-        evaluated = {int(m.content["metrics"]["partition-id"]): m.content["metrics"] for m in good}
-        trained, seconds, _, epsilons = self.pending
-        self.record(server_round, trained, seconds + time.perf_counter() - self.evaluate_started, evaluated,
-                    self.failed, epsilons)
+        self.record(self.pending, by_partition(good), time.perf_counter() - self.evaluate_started, self.failed)
         return super().aggregate_evaluate(server_round, good)
 
-    def record(self, server_round: int, trained: dict[int, dict], seconds: float, evaluated: dict[int, dict],
-               failed: list[str], epsilons: dict[int, float]) -> None:
-        """Round ``server_round``'s record from its train reports, the evaluation of its aggregated state (a client
-        that did not evaluate it has no global accuracy) and the clients' epsilons after it: appended to the metrics
-        files and logged."""
+    def record(self, done: TrainedRound, evaluated: dict[int, MetricRecord], evaluate_seconds: float = 0.0,
+               failed: list[str] | None = None) -> None:
+        """``done``'s record from its train reports, the evaluation of its aggregated state (a client that did not
+        evaluate it has no global accuracy; an evaluate phase of its own adds its seconds and, with its train
+        phase's, its failures) and the clients' epsilons after it: appended to the metrics files and logged."""
+        epsilons = done.epsilons
         def figure(metrics, key):  # a DP client reports no figures unless the run opts in
             return float(metrics[key]) if key in metrics else None
 
         results = [ClientResult(pid, figure(t, "train-loss"), figure(t, "local-acc"),
                                 figure(evaluated.get(pid, {}), "global-acc"), epsilons.get(pid))
-                   for pid, t in sorted(trained.items())]
+                   for pid, t in sorted(done.trained.items())]
         all_epsilons = [epsilons.get(pid, 0.0) for pid in range(self.cfg.clients)] if self.method.dp else None
-        record = round_record(self.cfg, server_round - 1, results, seconds, all_epsilons)
-        record["failures"] = failed
+        record = round_record(self.cfg, done.round - 1, results, done.seconds + evaluate_seconds, all_epsilons)
+        record["failures"] = done.failed if failed is None else failed
         self.rounds.append(record)
         write_metrics(self.settings.output_dir, self.cfg, self.rounds)
         log(INFO, "hyperfl_fast: %s", round_line(self.cfg, record))

@@ -89,7 +89,7 @@ def generate(server: State, embedding: torch.Tensor) -> torch.Tensor:
 
 def client_sgd(params) -> SGD:
     return SGD(params, lr=SETTINGS.client_lr, momentum=SETTINGS.client_momentum,
-                           weight_decay=SETTINGS.client_weight_decay)
+               weight_decay=SETTINGS.client_weight_decay)
 
 
 def server_steps(server: State, grads: list[dict[str, torch.Tensor]]) -> State:
@@ -98,7 +98,7 @@ def server_steps(server: State, grads: list[dict[str, torch.Tensor]]) -> State:
     reference path."""
     params = {k: torch.nn.Parameter(server[k].detach().clone()) for k in SERVER_KEYS}
     optimizer = SGD(list(params.values()), lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
-                                weight_decay=SETTINGS.server_weight_decay)
+                    weight_decay=SETTINGS.server_weight_decay)
     for k, p in params.items():  # a zero buffer gives SGD's first step (buf = d) exactly
         optimizer.state[p]["momentum_buffer"] = server[momentum_key(k)].detach().clone()
     for grad in grads:
