@@ -5,7 +5,9 @@ machine), the tiny synthetic setting of tests/test_flower.py, 4 rounds, three wa
 - ``figures``: ``client-metrics=true``, evaluation folded into the next train message (the last round has
   its own evaluate message);
 - ``figures-unfolded``: ``client-metrics=true fold-evaluation=false``, every round a train and an evaluate
-  message (the app's behaviour before fold-evaluation).
+  message (the app's behaviour before fold-evaluation);
+- ``secure``: ``secure-aggregation=true``, the default's figures with Flower's SecAgg+: four message exchanges
+  per round (setup, share keys, collect masked vectors, unmask) instead of one.
 
 The server's per-round seconds (metrics.json) are the figure: the median over rounds 2-4 (round 1 includes the
 ServerApp's start), and the whole run's wall clock.  Flower starts a ClientApp process per message and polls
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_flower import deployment, flwr_run, run_config, stop  # noqa: E402  (the tests' loopback deployment)
 
 CASES = {"default": {"client_metrics": False}, "figures": {"client_metrics": True},
-         "figures-unfolded": {"client_metrics": True, "fold_evaluation": False}}
+         "figures-unfolded": {"client_metrics": True, "fold_evaluation": False},
+         "secure": {"client_metrics": False, "secure_aggregation": True}}
 
 
 def timed_run(benchmark, tmp_path: Path, out: Path, config: str, simulation: bool = False,

@@ -18,10 +18,18 @@ Public API:
 - command lines: ``python -m hyperfl_fast.train``, ``python -m hyperfl_fast.reproduce`` and
   ``python -m hyperfl_fast.attack``.
 """
-from .config import Config, ConfigError
-from .models import CNNSpec, GeneratedCNN, HyperNetwork, TargetCNN, cnn_spec, split_theta
-from .runner import TrainingDiverged, run
+import importlib
 
-__all__ = ["CNNSpec", "Config", "ConfigError", "GeneratedCNN", "HyperNetwork", "TargetCNN", "TrainingDiverged",
-           "cnn_spec", "run", "split_theta"]
+# The public API, each name imported from its module on first use, so that importing a submodule (a Flower
+# ClientApp process that only relays SecAgg+ key shares) does not load torch.
+_EXPORTS = {"Config": "config", "ConfigError": "config", "CNNSpec": "models", "GeneratedCNN": "models",
+            "HyperNetwork": "models", "TargetCNN": "models", "cnn_spec": "models", "split_theta": "models",
+            "TrainingDiverged": "runner", "run": "runner"}
+__all__ = sorted(_EXPORTS, key=str.lower)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: a Flower ClientApp process that only relays key shares loads no torch
+    import torch
 
 ENGINES = ("batched", "reference")
 CLIENT_INITS = ("shared", "independent")
@@ -95,6 +97,8 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
+        import torch
+
         from .methods import CUDA_GRAPHS, METHODS, POISSON, method_names
 
         if self.method not in METHODS:
@@ -146,6 +150,8 @@ class Config:
         return self
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

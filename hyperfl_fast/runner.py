@@ -69,7 +69,8 @@ class TrainingDiverged(RuntimeError):
     """A round produced a non-finite loss or non-finite parameters; nothing of it was saved."""
 
 
-def _check_resumable(path: Path, state: dict, cfg: Config) -> None:
+def check_resumable(path: Path, state: dict, cfg: Config) -> None:
+    """A :class:`ConfigError` unless the checkpoint ``state`` (read from ``path``) may continue as run ``cfg``."""
     saved = state["config"]
     may_change = RESUME_MAY_CHANGE if get_method(cfg.method).dp else RESUME_MAY_CHANGE | DP_ONLY
     changed = [k for k in Config.field_names()
@@ -172,7 +173,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     state = None
     if resume and checkpoint.exists():
         state, verified = load_checkpoint(checkpoint, cfg.torch_device())
-        _check_resumable(checkpoint, state, cfg)
+        check_resumable(checkpoint, state, cfg)
         if not verified:
             log(f"note: {checkpoint} predates checkpoint digests; its integrity cannot be verified")
     elif resume:

@@ -152,7 +152,7 @@ def test_over_flower_a_client_sends_only_what_aggregation_needs(monkeypatch):
     pytest.importorskip("flwr")
     from flwr.app import Context, RecordDict
 
-    from hyperfl_fast.flower import client_app
+    from hyperfl_fast.flower import client
     from hyperfl_fast.flower.settings import refuse_keyed_noise, settings_from_run_config
 
     base = {"dataset": "synthetic", "clients": 2, "local-size": 20, "test-size": 10, "local-epochs": 1,
@@ -164,7 +164,7 @@ def test_over_flower_a_client_sends_only_what_aggregation_needs(monkeypatch):
         run_config = {**base, "method": method, "client-metrics": opt_in}
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2},
                           state=RecordDict(), run_config=run_config)
-        assert set(client_app.replied_metrics(context, metrics)) == kept
+        assert set(client.replied_metrics(context, metrics)) == kept
     with pytest.raises(ConfigError, match='dp-noise "keyed" is reproducible from the run\'s seed'):
         refuse_keyed_noise(settings_from_run_config({**base, "method": "ppsgd", "dp-noise": "keyed"}).cfg)
     refuse_keyed_noise(settings_from_run_config({**base, "method": "hyperfl", "dp-noise": "keyed"}).cfg)  # no DP
@@ -206,17 +206,17 @@ def test_checkpoints_from_before_secret_noise_resume_as_they_were_written(tiny_c
     import dataclasses
 
     from hyperfl_fast.config import ConfigError
-    from hyperfl_fast.runner import _check_resumable
+    from hyperfl_fast.runner import check_resumable
 
     for method, resumes_with_secure in [("fedavg", True), ("dp-fedavg", False)]:
         cfg = dataclasses.replace(tiny_config, method=method)
         saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dp_noise"}
         if resumes_with_secure:
-            _check_resumable(tmp_path, {"config": saved}, cfg)
+            check_resumable(tmp_path, {"config": saved}, cfg)
         else:
             with pytest.raises(ConfigError, match=r"different settings \(dp_noise\)"):
-                _check_resumable(tmp_path, {"config": saved}, cfg)
-        _check_resumable(tmp_path, {"config": saved}, dataclasses.replace(cfg, dp_noise="keyed"))
+                check_resumable(tmp_path, {"config": saved}, cfg)
+        check_resumable(tmp_path, {"config": saved}, dataclasses.replace(cfg, dp_noise="keyed"))
 
 
 def test_a_secure_dp_run_resumes_with_its_accounting(tiny_config, tmp_path):

@@ -53,7 +53,8 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def deployment(tmp_path: Path, nodes: int = 3, simulation: bool = False):
-    """A SuperLink and ``nodes`` SuperNodes on loopback; yields (env for `flwr run`, the SuperNode processes).
+    """A SuperLink and ``nodes`` SuperNodes on loopback; yields (env for `flwr run`, the SuperNode processes, a
+    function that restarts the SuperLink: killed, then started again on its port and with its state database).
     With ``simulation``, a SuperLink in simulation mode (the README's command) and no SuperNodes: `flwr run`
     then asks for virtual ones with --federation-config."""
     home, port = tmp_path / "flwr-home", free_port()
@@ -70,14 +71,20 @@ def deployment(tmp_path: Path, nodes: int = 3, simulation: bool = False):
                                           env=env, cwd=tmp_path, start_new_session=True))
         return processes[-1]
 
+    superlink = ("flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", str(port),
+                 "--database", str(tmp_path / "superlink.db"), *(["--simulation"] if simulation else []))
+
+    def restart_superlink():
+        stop(processes.pop(0))  # its ServerApp dies with it
+        start("superlink-restarted", *superlink)
+
     try:
-        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-              "--port", str(port), *(["--simulation"] if simulation else []))
+        start("superlink", *superlink)
         supernodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                             "--port", str(free_port()), "--node-config",
                             f'partition-id={i} num-partitions={nodes} state-dir="{tmp_path / f"node{i}"}"')
                       for i in range(0 if simulation else nodes)]
-        yield env, supernodes
+        yield env, supernodes, restart_superlink
     finally:
         for process in reversed(processes):
             stop(process)
@@ -116,17 +123,28 @@ def assert_equal_states(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5)
 
 
-def test_hyperfl_on_a_loopback_deployment(tmp_path):
+def test_hyperfl_on_a_loopback_deployment_resumed_after_a_superlink_restart(tmp_path):
+    """Two HyperFL rounds over 3 SuperNodes; after round 1 the SuperLink is killed (its ServerApp with it) and
+    restarted on its state database: the SuperNodes stay, and `flwr run` with resume=true continues from the
+    server's checkpoint, the nodes from their private states of the first run (a node that trained round 2 before
+    the SuperLink died goes back to its state after round 1).  The result equals the reference engine's."""
     out = tmp_path / "out"
     start = time.perf_counter()
-    with deployment(tmp_path) as (env, _):
+    with deployment(tmp_path) as (env, _, restart_superlink):
         process = flwr_run(env, run_config(out))
         try:
+            deadline = time.time() + 300
+            while not (out / "global.pt").exists() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.2)  # round 1 is aggregated and saved; round 2 takes more than 10 s
+            assert (out / "global.pt").exists(), process.communicate(timeout=60)[0][-3000:]
+            restart_superlink()
+            process.communicate(timeout=120)
+            process = flwr_run(env, run_config(out, resume=True))
             log, _ = process.communicate(timeout=400)
         finally:
             stop(process)
-    print(f"loopback deployment, 2 HyperFL rounds: {time.perf_counter() - start:.1f} s")
-    assert (out / "metrics.json").exists(), log[-3000:]
+    print(f"loopback deployment, 2 HyperFL rounds and a SuperLink restart: {time.perf_counter() - start:.1f} s")
+    assert "resumed" in log and "after round 1" in log, log[-3000:]
 
     # every reply the server received held the hypernetwork's arrays and nothing else
     audit = read_audit(out)
@@ -134,9 +152,9 @@ def test_hyperfl_on_a_loopback_deployment(tmp_path):
     for upload in audit:
         assert set(upload["arrays"]) == {"fc.weight", "fc.bias", "heads.weight", "heads.bias"}
         assert not any(k.startswith(("embedding", "classifier")) for k in upload["arrays"])
-    # each client's private state lived on from round 1 to round 2 (Context.state), and on the node's disk
+    # each client's private state lived on from round 1 to round 2 (on the node's disk, under the first run's id)
     assert [a["metrics"]["rounds-before"] for a in audit if a["round"] == 2] == [1, 1, 1]
-    assert [len(list((tmp_path / f"node{i}").glob("run-*/partition-*.pt"))) for i in range(3)] == [1, 1, 1]
+    assert [len(list((tmp_path / f"node{i}").glob("run-*/partition-?.pt"))) for i in range(3)] == [1, 1, 1]
 
     # the global hypernetwork equals the in-process reference run's
     saved, verified = load_checkpoint(out / "global.pt", torch.device("cpu"))
@@ -155,7 +173,7 @@ def test_hyperfl_in_flowers_simulation_engine(tmp_path):
     """The README's simulation: a SuperLink in simulation mode, 3 virtual SuperNodes in Ray (`flwr run
     --federation-config num-supernodes=3`), 2 rounds; the global hypernetwork equals the reference engine's."""
     out = tmp_path / "out"
-    with deployment(tmp_path, simulation=True) as (env, _):
+    with deployment(tmp_path, simulation=True) as (env, _, _):
         process = flwr_run(env, run_config(out, audit_uploads=False), federation_config="num-supernodes=3")
         try:
             log, _ = process.communicate(timeout=400)
@@ -166,7 +184,7 @@ def test_hyperfl_in_flowers_simulation_engine(tmp_path):
     assert verified and [r["round"] for r in saved["rounds"]] == [1, 2]
     assert [c["client"] for c in saved["rounds"][1]["clients"]] == [0, 1, 2]
     assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1, 2]]))
-    assert len(list((tmp_path / "node-state").glob("run-*/partition-*.pt"))) == 3  # each virtual node's state
+    assert len(list((tmp_path / "node-state").glob("run-*/partition-?.pt"))) == 3  # each virtual node's state
 
 
 def test_a_supernode_that_dies_in_round_2(tmp_path):
@@ -174,7 +192,7 @@ def test_a_supernode_that_dies_in_round_2(tmp_path):
     seconds, then aggregates the replies it has (at least min-clients) and
     records the failure; the result is the reference's round 2 over the surviving clients."""
     out = tmp_path / "out"
-    with deployment(tmp_path) as (env, supernodes):
+    with deployment(tmp_path) as (env, supernodes, _):
         process = flwr_run(env, run_config(out, min_clients=2, round_timeout=30))
         try:
             deadline = time.time() + 300
@@ -200,6 +218,37 @@ def test_a_supernode_that_dies_in_round_2(tmp_path):
     assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1]]))
 
 
+def test_secure_aggregation_on_a_loopback_deployment_with_a_node_lost_while_it_trains(tmp_path):
+    """Flower's SecAgg+ over 3 SuperNodes: the server gets no array from any node, only the mean.  Node 2 cannot
+    write its state (its state-dir is a file), so it fails while it trains, after sharing its keys: the others'
+    shares remove its masks and the round goes on over nodes 0 and 1, equal to plain aggregation within one
+    quantisation step.  (Drop-outs in every stage, over two rounds: test_secure_aggregation.py.)"""
+    from test_secure_aggregation import STEP
+
+    out = tmp_path / "out"
+    (tmp_path / "node2").write_text("not a folder")
+    start = time.perf_counter()
+    with deployment(tmp_path) as (env, _, _):
+        process = flwr_run(env, run_config(out, client_metrics=False, min_clients=2, rounds=1,
+                                           secure_aggregation=True))
+        try:
+            log, _ = process.communicate(timeout=400)
+        finally:
+            stop(process)
+    print(f"loopback deployment, 1 HyperFL round with secure aggregation: {time.perf_counter() - start:.1f} s")
+    assert (out / "metrics.json").exists(), log[-3000:]
+    [only] = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [c["client"] for c in only["clients"]] == [0, 1], log[-3000:]
+    assert len(only["failures"]) == 1 and "NotADirectoryError" in only["failures"][0]
+    assert only["failures"][0].startswith("secure aggregation, collect masked vectors: node ")
+    assert [(a["partition-id"], a["arrays"]) for a in read_audit(out)] == [(0, {}), (1, {})]  # nothing in the clear
+    saved, verified = load_checkpoint(out / "global.pt", torch.device("cpu"))
+    assert verified
+    want = reference_global_state([[0, 1]])
+    for name, tensor in want.items():
+        torch.testing.assert_close(saved["engine"]["global"][name], tensor, rtol=0, atol=STEP)
+
+
 def test_too_few_replies_stop_the_run_keeping_the_last_round(tmp_path):
     from hyperfl_fast.flower.server_app import FederationError, UploadAuditingFedAvg
     from hyperfl_fast.flower.settings import settings_from_run_config
@@ -209,6 +258,58 @@ def test_too_few_replies_stop_the_run_keeping_the_last_round(tmp_path):
     strategy = UploadAuditingFedAvg(settings, {"fc.weight": (16, 64)})
     with pytest.raises(FederationError, match=r"round 2: 0 train replies of 2, fewer than min-clients=2"):
         strategy.aggregate_train(2, [])
+
+
+def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp_path, monkeypatch):
+    """What the checkpoint keeps besides the global state (rounds aggregated per partition, the DP accountants,
+    the first run's id) comes back with resume=true, and this run's rounds are counted on from it; a checkpoint
+    of other settings, or of an older version, is one line."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from hyperfl_fast.checkpoint import save_checkpoint
+    from hyperfl_fast.config import ConfigError
+    from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, resumed_checkpoint
+    from hyperfl_fast.flower.settings import STATE_RUN_ID, settings_from_run_config
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
+        monkeypatch.setattr(TaskIdentity, name, value)
+    run_config = {"dataset": "synthetic", "clients": 3, "rounds": 4, "method": "dp-fedavg", "epsilon": 50.0,
+                  "min-clients": 2, "output-dir": str(tmp_path)}
+    settings = settings_from_run_config(run_config)
+    first = UploadAuditingFedAvg(settings, {"w": (5,)}, run_id=11)
+    replies = [SimpleNamespace(has_error=lambda: False, metadata=replying(pid + 1), content=RecordDict(
+        {"arrays": ArrayRecord({"w": torch.randn(5)}), "metrics": MetricRecord({"num-examples": 60,
+                                                                              "partition-id": pid})}))
+               for pid in range(3)]
+    first.current = {"w": torch.zeros(5)}
+    for server_round in (1, 2):
+        first.aggregate_train(server_round, replies[:3 - server_round + 1])  # round 2 without partition 2
+    state = first.server_state(2)
+    engine = {"format": 1, "method": "dp-fedavg", "global": {"w": torch.zeros(5)}, "clients": []}
+    save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
+                                             "engine": engine, "flower": state})
+
+    resumed = UploadAuditingFedAvg(settings, {"w": (5,)}, run_id=12)
+    saved = resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
+    resumed.resume(saved["rounds"], saved["flower"])
+    assert resumed.offset == 2 and resumed.rounds_aggregated == [2, 2, 1] and resumed.state_run_id == 11
+    assert {pid: p.epsilons() for pid, p in resumed.privacy.items()} == \
+        {pid: p.epsilons() for pid, p in first.privacy.items()}
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2, 3])
+    [sent] = [m.content["config"] for m in resumed.configure_train(1, ArrayRecord({"w": torch.zeros(5)}),
+                                                                    ConfigRecord({}), grid)][:1]
+    assert sent["server-round"] == 3 and sent[STATE_RUN_ID] == 11  # this run's round 1 is the run's round 3
+
+    with pytest.raises(ConfigError, match=r"^run config: resume: .*global.pt was written with different settings "
+                                          r"\(lr\); use the same flags or another output-dir$"):
+        resumed_checkpoint(settings_from_run_config({**run_config, "resume": True, "lr": 0.5}))
+    save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": [], "engine": engine})
+    with pytest.raises(ConfigError, match=r"global.pt is not a hyperfl_fast checkpoint .*; delete it to start "
+                                          r"afresh, or set another output-dir$"):  # written before resume
+        resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
 
 
 def test_aggregation_does_not_depend_on_arrival_order(tmp_path):
@@ -352,11 +453,12 @@ def test_nodes_with_another_num_partitions_stop_the_run_in_one_line(tmp_path, mo
 def test_a_restarted_node_restores_its_private_state_or_refuses_to_train(tmp_path):
     """Each round the node writes its private state (atomically, with a digest) under its state-dir; a restarted
     node (empty Context.state) reads it back; if it is gone while the server has aggregated from that partition
-    before, the node refuses in one line unless fresh-start=true; a damaged file is refused too."""
+    before, the node refuses in one line unless fresh-start=true; a node that trained a round the server did not
+    aggregate goes back to the state before it; a damaged file is refused too."""
     from flwr.app import Context, RecordDict
 
     from hyperfl_fast.config import ConfigError
-    from hyperfl_fast.flower import client_app
+    from hyperfl_fast.flower import client
     from hyperfl_fast.flower.server_app import initial_global_state
 
     run_config = {k.replace("_", "-"): v for k, v in {**SETTINGS, "clients": 2}.items()}
@@ -367,29 +469,39 @@ def test_a_restarted_node_restores_its_private_state_or_refuses_to_train(tmp_pat
                        run_config=run_config)
 
     first = context()
-    global_state = initial_global_state(client_app.client_of(first)[0].cfg)
-    client_app.client_round(first, global_state, 1)
+    global_state = initial_global_state(client.client_of(first)[0].cfg)
+    client.client_round(first, global_state, 1)
     path = tmp_path / "run-7" / "partition-1.pt"
-    assert path.exists() and client_app.state_file(first) == path
+    assert path.exists() and client.state_file(first) == path
 
     restarted = context()
-    client_app.restore_private(restarted, 1)
-    assert client_app.rounds_trained(restarted) == 1
+    client.restore_private(restarted, 1)
+    assert client.rounds_trained(restarted) == 1
     want, got = first.state["private"].to_torch_state_dict(), restarted.state["private"].to_torch_state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    assert client_app.client_round(restarted, global_state, 2)[1]["rounds-before"] == 1
+    assert client.client_round(restarted, global_state, 2)[1]["rounds-before"] == 1
+
+    # the server aggregated only 1 round from it (round 2's reply was lost): back to its state after round 1,
+    # from Context.state's node as from a restarted one
+    for node in (restarted, context()):
+        with pytest.warns(UserWarning, match="trained 2 rounds, of which the server aggregated 1: it goes on from"):
+            client.restore_private(node, 1)
+        assert client.rounds_trained(node) == 1
+        got = node.state["private"].to_torch_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
     path.unlink()
     with pytest.raises(ConfigError, match=r"^node state: partition 1 of run 7 trained 2 rounds before, but its "
-                                          r"private state is not in .*fresh-start=true$"):
-        client_app.restore_private(context(), 2)
-    client_app.restore_private(context(), 0)  # never aggregated from: the seeded start is its state
+                                          r"private state after them is not in .*fresh-start=true$"):
+        client.restore_private(context(), 2)
+    with pytest.warns(UserWarning, match="of which the server aggregated 0"):
+        client.restore_private(context(), 0)  # never aggregated from: the seeded start is its state
     with pytest.warns(UserWarning, match="starts afresh"):
-        client_app.restore_private(context(**{"fresh-start": True}), 2)
+        client.restore_private(context(**{"fresh-start": True}), 2)
 
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="partition-1.pt"):
-        client_app.restore_private(context(), 2)
+        client.restore_private(context(), 2)
 
 
 def test_the_readmes_connection_block_works_in_a_clean_home_and_after_flwr_has_run(tmp_path):
@@ -446,7 +558,7 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from hyperfl_fast.flower.client_app import client_evaluation, client_round
+    from hyperfl_fast.flower.client import client_evaluation, client_round
     from hyperfl_fast.flower.server_app import initial_global_state
     from hyperfl_fast.flower.settings import settings_from_run_config
 

@@ -26,13 +26,22 @@ package adds.
   record lists the clients that failed.  With fewer, the run stops with an
   error naming the round, and the files keep the last complete round.
   Before each round the server waits until ``min-clients`` nodes are connected.
+- **Secure aggregation** (``secure-aggregation = true``): the train phase is
+  Flower's SecAgg+ (:mod:`~hyperfl_fast.flower.secure_aggregation`); the
+  server then learns only the weighted mean of the uploads, and the replies it
+  checks carry metrics and no arrays.
+- **Resume** (``resume = true``): after a SuperLink restart, a new run continues
+  from the checkpoint (its rounds counted on from the checkpoint's), and tells
+  the nodes the first run's id, under which they keep their private states.
 - **Reproducible aggregation.**  Replies are averaged in partition-id order,
   so a run's global state does not depend on which client answered first
   (and equals the in-process reference engine's bit for bit).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO
@@ -44,16 +53,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from ..checkpoint import check_writable, save_checkpoint
+from ..checkpoint import check_writable, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
-from ..data import DATASET_SHAPES
+from ..data import DATASET_SHAPES, DATASET_SIZES
 from ..engines import STATE_FORMAT
 from ..federation import ClientResult
 from ..methods import Method, get_method
 from ..dp import ClientPrivacy
 from ..metrics import round_line, round_record, write_metrics
 from ..models import cnn_spec
-from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, FlowerSettings, refuse_keyed_noise,
+from ..runner import check_resumable
+from .secure_aggregation import SecureAggregation, SecureRound
+from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, STATE_RUN_ID, FlowerSettings, refuse_keyed_noise,
                        settings_from_run_config)
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
@@ -93,7 +104,7 @@ class UploadAuditingFedAvg(FedAvg):
     down to ``min_clients`` and writes the run's metrics after every round."""
 
     def __init__(self, settings: FlowerSettings, upload_keys: dict[str, tuple[int, ...]],
-                 on_upload: UploadHook | None = None, method: Method | None = None):
+                 on_upload: UploadHook | None = None, method: Method | None = None, run_id: int = 0):
         n = settings.min_clients
         super().__init__(fraction_train=settings.cfg.frac, fraction_evaluate=settings.cfg.frac, min_train_nodes=n,
                          min_evaluate_nodes=n, min_available_nodes=n, train_metrics_aggr_fn=mean_metrics,
@@ -109,7 +120,10 @@ class UploadAuditingFedAvg(FedAvg):
         self.current: dict[str, torch.Tensor] = {}  # the global state sent this round
         # DP methods: each client's privacy accounting, kept by the server from what it sees (data size, rounds)
         self.privacy: dict[int, ClientPrivacy] = {}
+        self.sizes: dict[int, int] = {}  # ... and the data size it was built for
         self.rounds: list[dict] = []
+        self.state_run_id = run_id  # the run under which the nodes keep their private state
+        self.offset = 0  # rounds done before this run (a resumed run): Flower counts this run's from 1
         self.trained: dict[int, dict] = {}  # this round's train reports by partition id
         self.failed: list[str] = []
         self.started = self.evaluate_started = time.perf_counter()  # this round's train and evaluate phases
@@ -121,22 +135,37 @@ class UploadAuditingFedAvg(FedAvg):
         self.evaluates = settings.client_metrics
         self.fold = self.evaluates and settings.fold_evaluation and settings.cfg.frac == 1.0
         self.pending: TrainedRound | None = None  # the last trained round
+        # secure-aggregation: the train phase is Flower's SecAgg+, and the server learns only the mean upload
+        self.secure = (SecureAggregation(settings, upload_keys, self.cfg.local_size or
+                                         DATASET_SIZES[self.cfg.dataset][0])
+                       if settings.secure_aggregation else None)
+        self.secured: SecureRound | None = None  # this round's outcome
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         self.started, self.trained, self.failed = time.perf_counter(), {}, []
         self.current = arrays.to_torch_state_dict()
-        config = ConfigRecord({**config, ROUNDS_BY_PARTITION: list(self.rounds_aggregated)})
+        config = ConfigRecord({**config, ROUNDS_BY_PARTITION: list(self.rounds_aggregated),
+                               STATE_RUN_ID: self.state_run_id})
         if self.fold and server_round > 1:  # the nodes evaluate what they receive before they train on it
             config = ConfigRecord({**config, EVALUATE_RECEIVED: True})
-        return self.remember(self.addressed(super().configure_train(server_round, arrays, config, grid), grid))
+        messages = self.addressed(super().configure_train(server_round, arrays, config, grid), grid)
+        if self.secure:  # the protocol sends and receives the train messages here; the strategy sends nothing more
+            self.secured = self.secure.round(grid, messages, server_round, self.describe)
+            self.failed += self.secured.failed
+            self.report(server_round, self.secured.failed)
+            return self.remember([])
+        return self.remember(messages)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         if not self.evaluates or (self.fold and server_round < self.cfg.rounds):
             return self.remember([])  # no figures asked for, or evaluated with the next round's train messages
         self.evaluate_started = time.perf_counter()
         self.current = arrays.to_torch_state_dict()  # the aggregated state
+        config = ConfigRecord({**config, STATE_RUN_ID: self.state_run_id})
         return self.remember(self.addressed(super().configure_evaluate(server_round, arrays, config, grid), grid))
 
     def remember(self, messages: list[Message]) -> list[Message]:
@@ -203,12 +232,14 @@ class UploadAuditingFedAvg(FedAvg):
             if "partition-id" in msg.content.metric_records.get("metrics", {}):
                 self.node_partitions[msg.metadata.src_node_id] = int(msg.content["metrics"]["partition-id"])
             arrays = msg.content.array_records.get("arrays")
-            keys = set(arrays.keys()) if arrays is not None else set()
-            if phase == "train" and keys != set(self.upload_keys):
+            keys = {name for record in msg.content.array_records.values() for name in record.keys()}
+            allowed = set() if self.secure else set(self.upload_keys)  # securely, every array arrives masked
+            if phase == "train" and keys != allowed:
                 self.failed.append(f"train: node {msg.metadata.src_node_id} uploaded {sorted(keys)}, not only "
-                                   f"{sorted(self.upload_keys)}; refused")
+                                   f"{sorted(allowed)}; refused")
                 continue
-            if phase == "train" and any(tuple(arrays[k].shape) != shape for k, shape in self.upload_keys.items()):
+            if phase == "train" and not self.secure and any(tuple(arrays[k].shape) != shape
+                                                            for k, shape in self.upload_keys.items()):
                 self.failed.append(f"train: node {msg.metadata.src_node_id} uploaded arrays of other shapes than "
                                    "the model's; refused")
                 continue
@@ -217,14 +248,23 @@ class UploadAuditingFedAvg(FedAvg):
         if len(good) < self.min_train_nodes:
             if phase == "train" and self.fold and server_round > 1:  # the previous round is complete: keep it
                 self.record(self.pending, by_partition(good))
+            kept = f"rounds 1-{len(self.rounds)}" if self.rounds else "no round"
             raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
                                   f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
-                                  f"{self.settings.output_dir} keeps rounds 1-{len(self.rounds)}")
-        for line in self.failed[logged:]:  # each failure once
-            log(INFO, "hyperfl_fast: round %s: %s", server_round, line)
+                                  f"{self.settings.output_dir} keeps {kept}")
+        self.report(server_round, self.failed[logged:])
         return good
 
+    @staticmethod
+    def report(server_round: int, failures: list[str]) -> None:
+        """Log each failure, once."""
+        for line in failures:
+            log(INFO, "hyperfl_fast: round %s: %s", server_round, line)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
+        if self.secure:  # the replies that carried masked uploads, if the protocol unmasked their mean
+            replies = self.secured.replies if self.secured.mean is not None else []
         # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which reply came first
         good = sorted(self._check_replies(server_round, replies, "train"),
                       key=lambda msg: int(msg.content["metrics"]["partition-id"]))
@@ -252,7 +292,8 @@ class UploadAuditingFedAvg(FedAvg):
                 senders.append(pid)
             if self.method.dp:  # one more round of DP-SGD steps for this client
                 if pid not in self.privacy:
-                    self.privacy[pid] = ClientPrivacy.from_config([int(metrics[self.weighted_by_key])], self.cfg, pid)
+                    self.sizes[pid] = int(metrics[self.weighted_by_key])
+                    self.privacy[pid] = ClientPrivacy.from_config([self.sizes[pid]], self.cfg, pid)
                 self.privacy[pid].record_round([0])
             if self.on_upload:
                 self.on_upload(server_round, pid, upload)
@@ -270,14 +311,37 @@ class UploadAuditingFedAvg(FedAvg):
         metrics = mean_metrics([m.content for m in accepted], self.weighted_by_key)
         if not self.upload_keys:  # nothing is uploaded (local): the global state stays as it is
             return None, metrics
+        if self.secure:
+            mean = {name: torch.from_numpy(array) for name, array in self.secured.mean.items()}
+            return ArrayRecord({**self.current, **mean}), metrics
         return ArrayRecord(self.method.aggregate(self.current, uploads, weights, senders)), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         if not self.evaluates or (self.fold and server_round < self.cfg.rounds):
             return None  # recorded with the round's train replies, or when the next round's arrive
         good = self._check_replies(server_round, replies, "evaluate")
         self.record(self.pending, by_partition(good), time.perf_counter() - self.evaluate_started, self.failed)
         return super().aggregate_evaluate(server_round, good)
+
+    def server_state(self, server_round: int) -> dict:
+        """What the server needs to continue after ``server_round`` (this run's count), beyond the global state
+        and the recorded rounds: for the checkpoint."""
+        return {"state-run-id": self.state_run_id, "rounds-done": server_round + self.offset,
+                "rounds-by-partition": list(self.rounds_aggregated),
+                "pending": dataclasses.asdict(self.pending) if self.pending else None,
+                "privacy": {pid: {"size": self.sizes[pid], "accountant": p.state_dict()}
+                            for pid, p in self.privacy.items()}}
+
+    def resume(self, rounds: list[dict], state: dict) -> None:
+        """Continue from a checkpoint's recorded ``rounds`` and :meth:`server_state`."""
+        self.rounds, self.offset = list(rounds), int(state["rounds-done"])
+        self.state_run_id, self.rounds_aggregated = int(state["state-run-id"]), list(state["rounds-by-partition"])
+        self.pending = TrainedRound(**state["pending"]) if state["pending"] else None
+        for pid, saved in state["privacy"].items():
+            self.sizes[pid] = saved["size"]
+            self.privacy[pid] = ClientPrivacy.from_config([saved["size"]], self.cfg, pid)
+            self.privacy[pid].load_state_dict(saved["accountant"])
 
     def record(self, done: TrainedRound, evaluated: dict[int, MetricRecord], evaluate_seconds: float = 0.0,
                failed: list[str] | None = None) -> None:
@@ -328,26 +392,53 @@ def check_node_partitions(grid: Grid, settings: FlowerSettings) -> None:
                               f"or start the nodes with num-partitions={clients}")
 
 
-def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook | None = None) -> dict:
-    """Run ``settings.cfg.rounds`` rounds over the connected SuperNodes; returns the final global state."""
+def resumed_checkpoint(settings: FlowerSettings) -> dict | None:
+    """With resume=true, the checkpoint in output-dir (verified, and written by a run of the same settings), or
+    None (and a log line) when there is none; every problem is one line naming the file or the keys."""
+    path = settings.output_dir / "global.pt"
+    if not path.exists():
+        log(INFO, "hyperfl_fast: resume: no checkpoint in %s; starting from round 1", settings.output_dir)
+        return None
+    saved, _ = load_checkpoint(path, torch.device("cpu"), "delete it to start afresh, or set another output-dir",
+                               required=("config", "engine", "rounds", "flower", "sha256"))
+    try:
+        check_resumable(path, saved, settings.cfg)
+    except ConfigError as exc:  # the CLI's message names flags: here they are run-config keys
+        raise ConfigError("run config: " + re.sub(r"--([a-z][a-z0-9-]*)", r"\1", str(exc))) from None
+    return saved
+
+
+def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook | None = None,
+                   run_id: int = 0) -> dict:
+    """Run ``settings.cfg.rounds`` rounds over the connected SuperNodes (with resume, those the checkpoint in
+    output-dir has not done); returns the final global state.  ``run_id``: this run's Flower id, under which the
+    nodes keep their private state (a resumed run keeps the first run's)."""
     cfg = settings.cfg
     check_writable(settings.output_dir)
+    saved = resumed_checkpoint(settings) if settings.resume else None
     check_node_partitions(grid, settings)
-    shared = initial_global_state(cfg)
+    shared = saved["engine"]["global"] if saved else initial_global_state(cfg)
     method = get_method(cfg.method)
     # a client uploads (the change of) what it received: the global state, or what was generated for it
     upload_keys = {k: tuple(t.shape) for k, t in method.send(cnn_spec(*DATASET_SHAPES[cfg.dataset]), shared, 0).items()}
-    strategy = UploadAuditingFedAvg(settings, upload_keys, on_upload, method)
+    strategy = UploadAuditingFedAvg(settings, upload_keys, on_upload, method, run_id)
+    if saved:
+        strategy.resume(saved["rounds"], saved["flower"])
+        log(INFO, "hyperfl_fast: resumed %s after round %s", settings.output_dir / "global.pt", strategy.offset)
 
     def save_global(server_round: int, arrays: ArrayRecord) -> None:
         if server_round:  # the engines' layout; the clients' private states stay on their SuperNodes
             engine = {"format": STATE_FORMAT, "method": method.name, "global": arrays.to_torch_state_dict(),
                       "clients": []}
             save_checkpoint(settings.output_dir / "global.pt", {"config": cfg.to_dict(), "rounds": strategy.rounds,
-                                                                 "engine": engine})
+                                                                 "engine": engine,
+                                                                 "flower": strategy.server_state(server_round)})
 
-    result = strategy.start(grid, ArrayRecord(shared), num_rounds=cfg.rounds, timeout=settings.round_timeout,
-                            evaluate_fn=save_global)
+    if strategy.offset >= cfg.rounds:
+        log(INFO, "hyperfl_fast: %s has all %s rounds; nothing to do", settings.output_dir, cfg.rounds)
+        return shared
+    result = strategy.start(grid, ArrayRecord(shared), num_rounds=cfg.rounds - strategy.offset,
+                            timeout=settings.round_timeout, evaluate_fn=save_global)
     return result.arrays.to_torch_state_dict() if result.arrays is not None else shared
 
 
@@ -360,7 +451,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         settings = settings_from_run_config(context.run_config)
         refuse_keyed_noise(settings.cfg)
-        run_federation(grid, settings)
+        run_federation(grid, settings, run_id=context.run_id)
     except (ConfigError, FederationError) as exc:  # one line first; Flower then logs the traceback and fails the run
         log(ERROR, "hyperfl_fast: %s", exc)
         raise

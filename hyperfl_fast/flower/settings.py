@@ -9,22 +9,50 @@ also its train loss, local and global test accuracy, rounds trained before and, 
 computed on its private records without noise, whose accuracy steps reveal its test-set size; the server accounts
 every DP client's epsilon itself from what it sees either way) and ``fold-evaluation`` (default true: with frac 1
 the nodes evaluate the aggregated state when it arrives with the next train message instead of in a message of its
-own, which saves a ClientApp process per node and round; the last round is evaluated by itself).
+own, which saves a ClientApp process per node and round; the last round is evaluated by itself) and ``resume``
+(default false: with true the server continues the run whose checkpoint, ``global.pt``, is in ``output-dir``, and
+the nodes their private states of that run; after a SuperLink restart, for example).
+
+Secure aggregation (``secure-aggregation``, default false; see :mod:`~hyperfl_fast.flower.secure_aggregation`):
+with true the server learns only the weighted mean of the uploads (Flower's SecAgg+).  ``secagg-shares``: into
+how many shares each node's keys are split (an integer, at least 3, or a float: that share of the round's nodes;
+default 1.0, every node), ``secagg-threshold``: how many shares rebuild a key (an integer, or a float: that share
+of ``secagg-shares``; default 0.5), ``secagg-clipping-range``: the largest magnitude an upload's values may have
+(default 8.0; the mean is exact to one quantisation step, 2 x range / 2^22).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config, ConfigError
 
-FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads", "client-metrics", "fold-evaluation"}
+if TYPE_CHECKING:
+    from flwr.app import Context
+
+FEDERATION_KEYS = {"output-dir", "min-clients", "round-timeout", "audit-uploads", "client-metrics", "fold-evaluation",
+                   "secure-aggregation", "secagg-shares", "secagg-threshold", "secagg-clipping-range", "resume"}
 EVALUATE_RECEIVED = "evaluate-received"  # a train message's config: evaluate the received state before training
 # a train message's config: how many rounds the server has aggregated from each partition (a restarted node
 # whose private state is gone learns from it that it had one)
 ROUNDS_BY_PARTITION = "rounds-by-partition"
+# a train or evaluate message's config: the run id under which the nodes keep their private state (the first
+# run's, when a run resumes another after the SuperLink restarted)
+STATE_RUN_ID = "state-run-id"
 OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Flower's SecAgg+ parameters (``SecAggPlusWorkflow``'s ``num_shares``, ``reconstruction_threshold``,
+    ``clipping_range``): an int is a count, a float a proportion."""
+
+    shares: int | float = 1.0
+    threshold: int | float = 0.5
+    clipping_range: float = 8.0
 
 
 @dataclass
@@ -38,6 +66,8 @@ class FlowerSettings:
     audit_uploads: bool
     client_metrics: bool  # clients send their figures too (opt-in; see the module docs)
     fold_evaluation: bool = True  # evaluate with the next train message where every client trains every round
+    secure_aggregation: SecAggSettings | None = None  # Flower's SecAgg+; None = plain aggregation
+    resume: bool = False  # continue the run whose checkpoint is in output_dir
 
 
 def settings_from_run_config(run_config: dict) -> FlowerSettings:
@@ -64,8 +94,49 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"run config: round-timeout must be a positive number of seconds, got {timeout!r}")
     out = Path(run_config.get("output-dir") or f"runs/flower-{cfg.dataset}-{cfg.method}")
+    secure = secagg_settings(run_config, cfg, min_clients) if run_config.get("secure-aggregation", False) else None
     return FlowerSettings(cfg, out, min_clients, float(timeout), bool(run_config.get("audit-uploads", False)),
-                          bool(run_config.get("client-metrics", False)), bool(run_config.get("fold-evaluation", True)))
+                          bool(run_config.get("client-metrics", False)), bool(run_config.get("fold-evaluation", True)),
+                          secure, bool(run_config.get("resume", False)))
+
+
+def secagg_settings(run_config: dict, cfg: Config, min_clients: int) -> SecAggSettings:
+    """The secagg-* keys, checked: the method's server must average the uploads (the protocol gives it only their
+    weighted sum), a round needs two nodes, and Flower's own checks of the numbers, reworded to name the keys."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    from ..methods import get_method
+
+    method = get_method(cfg.method)
+    if not method.averages_uploads:
+        raise ConfigError(f"run config: secure-aggregation = true needs a method whose server averages the uploads; "
+                          f"{cfg.method}'s server " + ("receives none" if not method.uploads else
+                                                       "needs each client's upload on its own"))
+    if min_clients < 2:
+        raise ConfigError("run config: secure-aggregation = true needs min-clients >= 2 (a sum of one upload is "
+                          "that upload)")
+    default = SecAggSettings()
+    secure = SecAggSettings(run_config.get("secagg-shares", default.shares),
+                            run_config.get("secagg-threshold", default.threshold),
+                            run_config.get("secagg-clipping-range", default.clipping_range))
+    try:
+        if not isinstance(secure.clipping_range, (int, float)) or secure.clipping_range <= 0:
+            raise ValueError("`clipping_range` must be a positive number.")
+        SecAggPlusWorkflow(secure.shares, secure.threshold, clipping_range=float(secure.clipping_range))
+    except (TypeError, ValueError) as exc:
+        message = str(exc).replace("`num_shares`", "secagg-shares").replace(
+            "`reconstruction_threshold`", "secagg-threshold").replace("`clipping_range`", "secagg-clipping-range")
+        raise ConfigError(f"run config: {message}") from None
+    return dataclasses.replace(secure, clipping_range=float(secure.clipping_range))
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, or a one-line error saying how to set them."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except (KeyError, ValueError):
+        raise ConfigError("node config: set integer partition-id and num-partitions "
+                          "(flower-supernode --node-config 'partition-id=0 num-partitions=20')") from None
 
 
 def refuse_keyed_noise(cfg: Config) -> None:

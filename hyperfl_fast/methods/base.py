@@ -133,6 +133,12 @@ class Method(ABC):
         """Whether the server sends each client something of its own (:meth:`send` is overridden)."""
         return type(self).send is not Method.send
 
+    @property
+    def averages_uploads(self) -> bool:
+        """Whether the server's new state is only the weighted mean of the uploads (the default
+        :meth:`aggregate`), so that their weighted sum is all it needs (secure aggregation)."""
+        return bool(self.uploads) and not self.sends_per_client and type(self).aggregate is Method.aggregate
+
     def send(self, spec: CNNSpec, global_state: State, cid: int) -> State:
         """What the server sends client ``cid`` at the start of a round: by default the global state itself
         (a method whose server holds per-client parts, like pFedHN's embeddings, sends only that client's)."""
