@@ -527,6 +527,14 @@ def test_the_readmes_connection_block_works_in_a_clean_home_and_after_flwr_has_r
         assert "Connection to the SuperLink is unavailable" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
+def test_the_clientapp_module_loads_torch_only_for_messages_that_train():
+    """Flower imports the ClientApp module in a fresh process per message: the SecAgg+ key exchanges and the
+    partition query must not pay for torch (about 3 s on the 2-core box)."""
+    code = "import sys, hyperfl_fast.flower.client_app; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['numpy']"
+
+
 def test_bad_run_config_is_one_line():
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.settings import settings_from_run_config
