@@ -39,7 +39,7 @@ def timed_run(benchmark, tmp_path: Path, out: Path, config: str, simulation: boo
 
     def run():
         start = time.perf_counter()
-        with deployment(tmp_path, simulation=simulation) as (env, _):
+        with deployment(tmp_path, simulation=simulation) as (env, _, _):
             process = flwr_run(env, config, federation_config)
             try:
                 log, _ = process.communicate(timeout=1200)

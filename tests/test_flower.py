@@ -535,6 +535,37 @@ def test_the_clientapp_module_loads_torch_only_for_messages_that_train():
     assert done.stdout.strip() == "['numpy']"
 
 
+def test_the_servers_grid_pulls_replies_until_all_arrive_or_the_timeout():
+    """PromptGrid: push once, pull every interval until every message is answered; a timeout returns what came."""
+    from types import SimpleNamespace
+
+    from hyperfl_fast.flower.server_app import PromptGrid
+
+    class Grid:
+        def __init__(self, answered_after):
+            self.answered_after, self.pulls, self.pushed = answered_after, 0, []
+
+        def push_messages(self, messages):
+            self.pushed = [f"m{i}" for i, _ in enumerate(messages)]
+            return list(self.pushed)
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)
+                    if self.pulls >= self.answered_after[i]]
+
+        def get_node_ids(self):
+            return [1, 2]
+
+    grid = Grid({"m0": 1, "m1": 3})
+    replies = PromptGrid(grid, interval=0.01).send_and_receive(["a", "b"], timeout=5)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"] and grid.pulls == 3
+    late = Grid({"m0": 1, "m1": 10 ** 9})
+    replies = PromptGrid(late, interval=0.01).send_and_receive(["a", "b"], timeout=0.1)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert PromptGrid(grid).get_node_ids() == [1, 2]  # the rest is the wrapped grid's
+
+
 def test_bad_run_config_is_one_line():
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.settings import settings_from_run_config
