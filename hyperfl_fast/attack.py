@@ -171,6 +171,10 @@ def run_attacks(args, log=print) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
     if not 0 < args.delta < 1:
         raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
+    if args.tv is None:
+        args.tv = TV_WEIGHT.get(args.dataset, DEFAULT_TV_WEIGHT)
+    elif not 0 <= args.tv < float("inf"):
+        raise ValueError(f"--tv must be a non-negative finite number, got {args.tv}")
     sigma = args.sigma
     if sigma is None and any(get_method(m).dp for m in args.method):
         sigma = noise_multiplier(args.epsilon, args.delta, PAPER_DP_SAMPLE_RATE, PAPER_DP_STEPS)
@@ -189,10 +193,6 @@ def run_attacks(args, log=print) -> dict:
     truth = (x * std + mean).clamp(0, 1)
     fedavg_model, (hypernet, embedding, classifier) = load_models(args, spec, device)
     x, y = x.to(device), y.to(device)  # the private batch lives where the client trains
-    if args.tv is None:
-        args.tv = TV_WEIGHT.get(args.dataset, DEFAULT_TV_WEIGHT)
-    elif not 0 <= args.tv < float("inf"):
-        raise ValueError(f"--tv must be a non-negative finite number, got {args.tv}")
     budget = AttackBudget(args.iterations, args.restarts, tv_weight=args.tv, seed=args.seed, signed=args.signed)
 
     rows, images = [], []

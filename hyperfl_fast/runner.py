@@ -69,11 +69,12 @@ class TrainingDiverged(RuntimeError):
     """A round produced a non-finite loss or non-finite parameters; nothing of it was saved."""
 
 
-def check_resumable(path: Path, state: dict, cfg: Config) -> None:
-    """A :class:`ConfigError` unless the checkpoint ``state`` (read from ``path``) may continue as run ``cfg``."""
+def check_resumable(path: Path, state: dict, cfg: Config, name: Callable[[str], str] = str) -> None:
+    """A :class:`ConfigError` unless the checkpoint ``state`` (read from ``path``) may continue as run ``cfg``;
+    ``name`` spells a setting's field name as the caller's users know it."""
     saved = state["config"]
     may_change = RESUME_MAY_CHANGE if get_method(cfg.method).dp else RESUME_MAY_CHANGE | DP_ONLY
-    changed = [k for k in Config.field_names()
+    changed = [name(k) for k in Config.field_names()
                if k not in may_change and saved.get(k, LEGACY_DEFAULTS.get(k)) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings ({', '.join(changed)}); "

@@ -262,8 +262,8 @@ def test_too_few_replies_stop_the_run_keeping_the_last_round(tmp_path):
 
 def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp_path, monkeypatch):
     """What the checkpoint keeps besides the global state (rounds aggregated per partition, the DP accountants,
-    the first run's id) comes back with resume=true, and this run's rounds are counted on from it; a checkpoint
-    of other settings, or of an older version, is one line."""
+    the first run's id, a round still waiting for its folded evaluation) comes back with resume=true, and this
+    run's rounds are counted on from it; a checkpoint of other settings, or of an older version, is one line."""
     from types import SimpleNamespace
 
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -272,7 +272,7 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
     from hyperfl_fast.checkpoint import save_checkpoint
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, resumed_checkpoint
-    from hyperfl_fast.flower.settings import STATE_RUN_ID, settings_from_run_config
+    from hyperfl_fast.flower.settings import EVALUATE_RECEIVED, STATE_RUN_ID, settings_from_run_config
 
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -302,6 +302,27 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
     [sent] = [m.content["config"] for m in resumed.configure_train(1, ArrayRecord({"w": torch.zeros(5)}),
                                                                     ConfigRecord({}), grid)][:1]
     assert sent["server-round"] == 3 and sent[STATE_RUN_ID] == 11  # this run's round 1 is the run's round 3
+
+    assert state["pending"] is None  # no figures asked for: every round is recorded when it is aggregated
+
+    # with folded evaluation the last round waits for the next train replies' figures: recorded once, after resume
+    folded = settings_from_run_config({**run_config, "method": "hyperfl", "client-metrics": True})
+    scored = [SimpleNamespace(has_error=r.has_error, metadata=r.metadata, content=RecordDict(
+        {"arrays": r.content["arrays"], "metrics": MetricRecord({**r.content["metrics"], "global-acc": 50.0})}))
+              for r in replies]
+    before = UploadAuditingFedAvg(folded, {"w": (5,)})
+    before.current = {"w": torch.zeros(5)}
+    before.aggregate_train(1, scored)
+    assert before.rounds == [] and before.server_state(1)["pending"]["round"] == 1
+    after = UploadAuditingFedAvg(folded, {"w": (5,)})
+    after.resume([], before.server_state(1))
+    [message, *_] = after.configure_train(1, ArrayRecord({"w": torch.zeros(5)}), ConfigRecord({}), grid)
+    assert message.content["config"][EVALUATE_RECEIVED]
+    after.aggregate_train(1, scored)
+    assert [r["round"] for r in after.rounds] == [1] and after.rounds[0]["global_acc"] == 50.0
+    plain = UploadAuditingFedAvg(settings_from_run_config({**run_config, "method": "hyperfl"}), {"w": (5,)})
+    plain.resume([], before.server_state(1))  # resumed without figures: round 1 is recorded at once
+    assert [r["round"] for r in plain.rounds] == [1] and plain.pending is None
 
     with pytest.raises(ConfigError, match=r"^run config: resume: .*global.pt was written with different settings "
                                           r"\(lr\); use the same flags or another output-dir$"):
@@ -489,6 +510,10 @@ def test_a_restarted_node_restores_its_private_state_or_refuses_to_train(tmp_pat
         assert client.rounds_trained(node) == 1
         got = node.state["private"].to_torch_state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want)
+    # trained round 2 again, and that reply lost too: round 1's state is still there to go back to
+    client.client_round(node, global_state, 2)
+    with pytest.warns(UserWarning, match="of which the server aggregated 1"):
+        client.restore_private(context(), 1)
 
     path.unlink()
     with pytest.raises(ConfigError, match=r"^node state: partition 1 of run 7 trained 2 rounds before, but its "

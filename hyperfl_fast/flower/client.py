@@ -92,10 +92,11 @@ def state_file(context: Context, run_id: int | None = None) -> Path:
 
 def save_private(context: Context, run_id: int | None = None) -> None:
     """Write ``Context.state``'s private arrays and rounds to :func:`state_file`, atomically, with a digest; the
-    state of the round before stays beside it (``.previous.pt``), for :func:`restore_private` to go back to."""
+    state of the round before stays beside it (``.previous.pt``), for :func:`restore_private` to go back to.  A
+    file of the same round (a round trained again after going back) is replaced, keeping the one before."""
     path = state_file(context, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
+    if path.exists() and int(load_state(path)["rounds"]) == rounds_trained(context) - 1:
         os.replace(path, previous_file(path))
     save_checkpoint(path, {"run-id": context.run_id if run_id is None else run_id, "rounds": rounds_trained(context),
                            "private": context.state[PRIVATE].to_torch_state_dict()})
@@ -105,11 +106,16 @@ def previous_file(path: Path) -> Path:
     return path.with_suffix(".previous.pt")
 
 
+def load_state(path: Path) -> dict:
+    """One saved private state, verified; a damaged file is one line naming it."""
+    return load_checkpoint(path, torch.device("cpu"), f"delete it and start the node with node config "
+                           f"{FRESH_START}=true", required=("run-id", "rounds", "private", "sha256"))[0]
+
+
 def saved_states(path: Path) -> list[dict]:
-    """The private states saved at ``path`` and before it (verified), latest first."""
-    advice = f"delete it and start the node with node config {FRESH_START}=true"
-    return [load_checkpoint(p, torch.device("cpu"), advice, required=("run-id", "rounds", "private", "sha256"))[0]
-            for p in (path, previous_file(path)) if p.exists()]
+    """The private states saved at ``path`` and before it, latest first (an interrupted save can leave only the
+    one before)."""
+    return [load_state(p) for p in (path, previous_file(path)) if p.exists()]
 
 
 def restore_private(context: Context, rounds_before: int | None, run_id: int | None = None) -> None:

@@ -18,6 +18,13 @@ exact gradient with respect to its feature extractor (the heads' bias gradient i
   client holds that many samples: the ratio is 1), clips it to +-``secagg-clipping-range`` and rounds it
   stochastically to one of 2^22 levels, so the mean is exact to within one step, 2 x range / 2^22 (3.8e-6 at the
   default 8).  A node whose upload exceeds the range refuses in one line instead of being clipped silently.
+  The rounding draws from Flower's unseeded NumPy generator, so a secure run's global state is not reproducible
+  bit for bit (a plain run's is).
+- **Time.**  Each stage waits up to ``round-timeout`` for its replies, so a round with a silent node can take
+  several times that; a node that dies is answered for by the SuperLink once its heartbeat lapses (about a
+  minute).
+- **Refusals.**  A reply the server would refuse (a foreign partition id) has its masked upload in the sum
+  already: the round stops the run instead of aggregating.
 """
 from __future__ import annotations
 
@@ -200,6 +207,8 @@ def check_quantisable(upload: dict[str, np.ndarray], num_examples: int, protocol
     if num_examples > max_weight:
         raise ConfigError(f"secure aggregation: this node's {num_examples} training samples exceed the largest "
                           f"weight the protocol allows ({max_weight:g}, the run's local-size)")
+    if not all(np.isfinite(array).all() for array in upload.values()):
+        raise ValueError("secure aggregation: this node's upload is not finite (training diverged)")
     largest = max((float(np.abs(array).max()) for array in upload.values() if array.size), default=0.0)
     if largest * num_examples / max_weight > clipping_range:
         raise ConfigError(f"secure aggregation: this node's upload has values up to {largest:.3g}, beyond "

@@ -134,7 +134,7 @@ class UploadAuditingFedAvg(FedAvg):
         # evaluate message as usual.
         self.evaluates = settings.client_metrics
         self.fold = self.evaluates and settings.fold_evaluation and settings.cfg.frac == 1.0
-        self.pending: TrainedRound | None = None  # the last trained round
+        self.pending: TrainedRound | None = None  # the last trained round, until it is recorded
         # secure-aggregation: the train phase is Flower's SecAgg+, and the server learns only the mean upload
         self.secure = (SecureAggregation(settings, upload_keys, self.cfg.local_size or
                                          DATASET_SIZES[self.cfg.dataset][0])
@@ -148,7 +148,7 @@ class UploadAuditingFedAvg(FedAvg):
         self.current = arrays.to_torch_state_dict()
         config = ConfigRecord({**config, ROUNDS_BY_PARTITION: list(self.rounds_aggregated),
                                STATE_RUN_ID: self.state_run_id})
-        if self.fold and server_round > 1:  # the nodes evaluate what they receive before they train on it
+        if self.fold and self.pending:  # the nodes evaluate what they receive before they train on it
             config = ConfigRecord({**config, EVALUATE_RECEIVED: True})
         messages = self.addressed(super().configure_train(server_round, arrays, config, grid), grid)
         if self.secure:  # the protocol sends and receives the train messages here; the strategy sends nothing more
@@ -246,7 +246,7 @@ class UploadAuditingFedAvg(FedAvg):
             good.append(msg)
         expected = max(self.min_train_nodes, len(replies))
         if len(good) < self.min_train_nodes:
-            if phase == "train" and self.fold and server_round > 1:  # the previous round is complete: keep it
+            if phase == "train" and self.fold and self.pending:  # the previous round is complete: keep it
                 self.record(self.pending, by_partition(good))
             kept = f"rounds 1-{len(self.rounds)}" if self.rounds else "no round"
             raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
@@ -302,7 +302,11 @@ class UploadAuditingFedAvg(FedAvg):
                     audit.write(json.dumps({"round": server_round, "partition-id": pid,
                                             "arrays": {k: list(t.shape) for k, t in upload.items()},
                                             "metrics": dict(metrics)}) + "\n")
-        if self.fold and server_round > 1:  # these replies carry the evaluation of the previous round's state
+        if self.secure and len(accepted) < len(good):  # its masked upload is in the mean: nothing can take it out
+            raise FederationError(f"round {server_round}: secure aggregation: a reply was refused, and its upload is "
+                                  f"in the mean ({'; '.join(self.failed)}); {self.settings.output_dir} keeps "
+                                  f"rounds 1-{len(self.rounds)}")
+        if self.fold and self.pending:  # these replies carry the evaluation of the previous round's state
             self.record(self.pending, by_partition(accepted))
         self.pending = TrainedRound(server_round, self.trained, time.perf_counter() - self.started, list(self.failed),
                                     {pid: p.epsilons()[0] for pid, p in self.privacy.items()})
@@ -338,6 +342,8 @@ class UploadAuditingFedAvg(FedAvg):
         self.rounds, self.offset = list(rounds), int(state["rounds-done"])
         self.state_run_id, self.rounds_aggregated = int(state["state-run-id"]), list(state["rounds-by-partition"])
         self.pending = TrainedRound(**state["pending"]) if state["pending"] else None
+        if self.pending and not self.fold:  # resumed without folded evaluation: record it unevaluated
+            self.record(self.pending, {})
         for pid, saved in state["privacy"].items():
             self.sizes[pid] = saved["size"]
             self.privacy[pid] = ClientPrivacy.from_config([saved["size"]], self.cfg, pid)
@@ -359,6 +365,8 @@ class UploadAuditingFedAvg(FedAvg):
         record = round_record(self.cfg, done.round - 1, results, done.seconds + evaluate_seconds, all_epsilons)
         record["failures"] = done.failed if failed is None else failed
         self.rounds.append(record)
+        if done is self.pending:
+            self.pending = None
         write_metrics(self.settings.output_dir, self.cfg, self.rounds)
         log(INFO, "hyperfl_fast: %s", round_line(self.cfg, record))
 
@@ -402,7 +410,7 @@ def resumed_checkpoint(settings: FlowerSettings) -> dict | None:
     saved, _ = load_checkpoint(path, torch.device("cpu"), "delete it to start afresh, or set another output-dir",
                                required=("config", "engine", "rounds", "flower", "sha256"))
     try:
-        check_resumable(path, saved, settings.cfg)
+        check_resumable(path, saved, settings.cfg, name=lambda field: field.replace("_", "-"))
     except ConfigError as exc:  # the CLI's message names flags: here they are run-config keys
         raise ConfigError("run config: " + re.sub(r"--([a-z][a-z0-9-]*)", r"\1", str(exc))) from None
     return saved

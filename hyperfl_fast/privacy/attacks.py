@@ -13,7 +13,7 @@ only has to say which quantities are unknown.
   ``breaching`` library's ``signed: hard``; ``AttackBudget.signed``), the
   best-matching iterate of each restart kept (not the last), several random
   restarts, the best-matching one returned and every one reported.
-- DLG (Zhu et al. 2019): squared L2 distance, L-BFGS.
+- DLG (Zhu et al. 2019): squared L2 distance, L-BFGS; it too keeps the best-matching iterate.
 
 Only the optimised unknowns are differentiated (``torch.autograd.grad``), never
 the model's parameters, which an attacker holds fixed.
@@ -21,6 +21,7 @@ the model's parameters, which an attacker holds fixed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -204,11 +205,13 @@ def reconstruct(simulate: Callable[[torch.Tensor, torch.Tensor, Params], list[to
             the iterate is kept if it matches best so far."""
             nonlocal best
             value = objective()
-            for variable, grad in zip(variables, torch.autograd.grad(value, variables)):
-                variable.grad = grad
-            if best is None or float(value.detach()) < best.matching_loss:
+            grads = torch.autograd.grad(value, variables, allow_unused=True)
+            for variable, grad in zip(variables, grads):
+                variable.grad = torch.zeros_like(variable) if grad is None else grad
+            loss = float(value.detach())
+            if best is None or loss < best.matching_loss or math.isnan(best.matching_loss):
                 best = Reconstruction(x.detach().clone(), label_dist().detach(),
-                                      {k: t.detach().clone() for k, t in extras.items()}, float(value.detach()), 0.0)
+                                      {k: t.detach().clone() for k, t in extras.items()}, loss, 0.0)
             return value
 
         if method == "ig":
