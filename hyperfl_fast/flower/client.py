@@ -38,6 +38,7 @@ STATE_DIR, FRESH_START = "state-dir", "fresh-start"
 STATE_DIR_ENV = "HYPERFL_NODE_STATE_DIR"  # the default state-dir (Flower's simulation gives no node config)
 DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "hyperfl_fast" / "flower"
 
+
 @lru_cache(maxsize=2)
 def _federation(run_config: tuple):
     """(settings, dataset, splits, spec, every client's initial private state) of a run, built once per process:
