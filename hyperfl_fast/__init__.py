@@ -21,7 +21,8 @@ Public API:
 import importlib
 
 # The public API, each name imported from its module on first use, so that importing a submodule (a Flower
-# ClientApp process that only relays SecAgg+ key shares) does not load torch.
+# ClientApp process that only relays SecAgg+ key shares) does not load torch.  The float32 policy (TF32 off, see
+# hyperfl_fast.ops.precision) takes effect when the first computing module loads.
 _EXPORTS = {"Config": "config", "ConfigError": "config", "CNNSpec": "models", "GeneratedCNN": "models",
             "HyperNetwork": "models", "TargetCNN": "models", "cnn_spec": "models", "split_theta": "models",
             "TrainingDiverged": "runner", "run": "runner"}

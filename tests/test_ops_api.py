@@ -142,14 +142,17 @@ def test_precision_policy_sets_torch_flags_and_triton_precision(restore_precisio
         ops.set_precision("bf16")
 
 
-def test_fp32_is_in_force_after_import():
-    """The package turns cuDNN's TF32 default off: the torch and reference paths compare in true float32."""
+def test_fp32_is_in_force_once_the_package_computes():
+    """The package turns cuDNN's TF32 default off as soon as any of its computing modules loads (its public names
+    load on first use): the torch and reference paths compare in true float32."""
     import subprocess
     import sys
 
-    code = "import hyperfl_fast, torch; print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    flags = "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)"
+    for first_use in ("from hyperfl_fast import TargetCNN", "import hyperfl_fast.ops", "from hyperfl_fast import run"):
+        code = f"import torch, hyperfl_fast; {first_use}; {flags}"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["False", "False"], first_use
 
 
 def test_precision_environment_variable(monkeypatch, restore_precision):
