@@ -118,3 +118,12 @@ def pytest_sessionfinish(session, exitstatus):
     if proc is not None and proc.poll() is None:  # the report test did not run to the end (deselected, -x, ^C)
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """The task identity Flower's runtimes set in a ServerApp process (creating a Message needs it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the runtimes set them
+        monkeypatch.setattr(TaskIdentity, name, value)

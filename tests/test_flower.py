@@ -258,22 +258,19 @@ def test_too_few_replies_stop_the_run_keeping_the_last_round(tmp_path):
         strategy.aggregate_train(2, [])
 
 
-def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp_path, monkeypatch):
+def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp_path, server_identity):
     """What the checkpoint keeps besides the global state (rounds aggregated per partition, the DP accountants,
     the first run's id, a round still waiting for its folded evaluation) comes back with resume=true, and this
     run's rounds are counted on from it; a checkpoint of other settings, or of an older version, is one line."""
     from types import SimpleNamespace
 
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from hyperfl_fast.checkpoint import save_checkpoint
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, resumed_checkpoint
     from hyperfl_fast.flower.settings import EVALUATE_RECEIVED, STATE_RUN_ID, settings_from_run_config
 
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
-        monkeypatch.setattr(TaskIdentity, name, value)
     run_config = {"dataset": "synthetic", "clients": 3, "rounds": 4, "method": "dp-fedavg", "epsilon": 50.0,
                   "min-clients": 2, "output-dir": str(tmp_path)}
     settings = settings_from_run_config(run_config)
@@ -357,7 +354,7 @@ def test_aggregation_does_not_depend_on_arrival_order(tmp_path):
     torch.testing.assert_close(in_order, want)
 
 
-def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_path, monkeypatch):
+def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_path, server_identity):
     """client-metrics with frac 1: round r's aggregated state is evaluated when it arrives to train round r + 1
     (one ClientApp process per node and round, not two), and only the last round has an evaluate message;
     without client-metrics nothing is evaluated and each round is recorded when its uploads are aggregated."""
@@ -367,10 +364,7 @@ def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_p
 
     from hyperfl_fast.flower.server_app import FederationError, UploadAuditingFedAvg
     from hyperfl_fast.flower.settings import EVALUATE_RECEIVED, settings_from_run_config
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
-        monkeypatch.setattr(TaskIdentity, name, value)
 
     class Grid:
         def get_node_ids(self):
@@ -431,19 +425,16 @@ def test_evaluation_rides_on_the_next_train_message_and_figures_are_opt_in(tmp_p
     assert json.loads((tmp_path / "quiet" / "metrics.json").read_text())["rounds"][1]["round"] == 2
 
 
-def test_nodes_with_another_num_partitions_stop_the_run_in_one_line(tmp_path, monkeypatch):
+def test_nodes_with_another_num_partitions_stop_the_run_in_one_line(tmp_path, server_identity):
     """3 nodes of num-partitions=3 and clients=20: one line naming both keys, not Flower's endless wait."""
     from types import SimpleNamespace
 
     from flwr.app import MessageType, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from hyperfl_fast.config import ConfigError
     from hyperfl_fast.flower.server_app import check_node_partitions
     from hyperfl_fast.flower.settings import settings_from_run_config
 
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
-        monkeypatch.setattr(TaskIdentity, name, value)
 
     class Grid:
         def __init__(self, nodes, partitions=None):
@@ -662,7 +653,7 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
         assert_equal_states(context.state["private"].to_torch_state_dict(), engine.client_state(i))
 
 
-def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_path, monkeypatch):
+def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_path, server_identity):
     """pFedHN over Flower: the strategy asks each node its partition once, then every train and evaluate message
     carries only that partition's generated weights; uploads are checked against them and aggregated by the
     method's own rule (one server step per client, in partition order)."""
@@ -674,10 +665,7 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     from hyperfl_fast.flower.settings import settings_from_run_config
     from hyperfl_fast.models import cnn_spec
 
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the ServerApp runtime sets them
-        monkeypatch.setattr(TaskIdentity, name, value)
     settings = settings_from_run_config({**{k.replace("_", "-"): v for k, v in SETTINGS.items()},
                                          "method": "pfedhn", "output-dir": str(tmp_path), "client-metrics": True})
     method, spec = get_method("pfedhn"), cnn_spec(1, 10)

@@ -54,14 +54,6 @@ class LocalGrid:
         return replies
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # as the runtimes set them
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 def run(tmp_path, drop=None, **extra):
     run_config = {**{k.replace("_", "-"): v for k, v in SETTINGS.items()}, "output-dir": str(tmp_path / "out"),
                   "min-clients": 2, **extra}

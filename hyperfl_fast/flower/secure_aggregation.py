@@ -111,19 +111,18 @@ class SecureAggregation:
         names a node in failure lines."""
         grid, failed = _RecordingGrid(grid), []
         nodes = {m.metadata.dst_node_id: m for m in messages}
-        while len(nodes) >= self.min_clients:
+        lost = True
+        while lost:  # a node lost before training left no shares of its keys: restart without it
+            if len(nodes) < self.min_clients:
+                return SecureRound([], None, failed)
             context, state = self.context(grid, nodes, server_round), WorkflowState()
             for stage, step in zip(self.STAGES[:2], (self.workflow.setup_stage, self.workflow.share_keys_stage)):
                 step(grid, context, state)
                 lost = self.dropped(grid, stage, describe)
                 failed += lost.values()
-                if lost:  # no shares of its keys exist: restart without it, before anyone trains
+                if lost:
                     nodes = {node: m for node, m in nodes.items() if node not in lost}
                     break
-            else:
-                break
-        else:
-            return SecureRound([], None, failed)
         unmasked = self.workflow.collect_masked_vectors_stage(grid, context, state)
         replies = [r for r in grid.replies if not r.has_error()]
         failed += self.dropped(grid, self.STAGES[2], describe).values()
@@ -141,14 +140,16 @@ class SecureAggregation:
     def context(self, grid: _RecordingGrid, nodes: dict[int, Message], server_round: int) -> LegacyContext:
         """The workflow's context: the round and, through :class:`_HandOver`, each node's fit instruction (its
         message's arrays and config, with their names and the upload's)."""
-        instructions, manager = [], SimpleClientManager()
+        instructions, manager, serialised = [], SimpleClientManager(), {}
         for node, message in nodes.items():
-            arrays = message.content["arrays"]
+            arrays = message.content["arrays"]  # the same global state for every node: serialised once
+            if id(arrays) not in serialised:
+                serialised[id(arrays)] = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
             config = {**message.content["config"], ARRAY_NAMES: list(arrays.keys()),
                       UPLOAD_NAMES: list(self.upload_keys)}
             proxy = GridClientProxy(node, grid, run_id=0)  # only its node id is used
             manager.register(proxy)
-            instructions.append((proxy, FitIns(ndarrays_to_parameters(arrays.to_numpy_ndarrays()), config)))
+            instructions.append((proxy, FitIns(serialised[id(arrays)], config)))
         state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
                             MAIN_PARAMS_RECORD: ArrayRecord()})
         return LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),

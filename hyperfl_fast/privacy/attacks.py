@@ -21,7 +21,6 @@ the model's parameters, which an attacker holds fixed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -198,20 +197,20 @@ def reconstruct(simulate: Callable[[torch.Tensor, torch.Tensor, Params], list[to
                 return cosine_distance(upload, observed) + budget.tv_weight * total_variation(x)
             return l2_distance(upload, observed)
 
-        best = None
+        best: Params = {}  # the best-matching iterate and its loss, kept on the device (no host sync per step)
 
         def evaluate():
             """The objective at the current iterate, with the unknowns' gradients (only theirs) in ``.grad``;
             the iterate is kept if it matches best so far."""
-            nonlocal best
             value = objective()
             grads = torch.autograd.grad(value, variables, allow_unused=True)
             for variable, grad in zip(variables, grads):
                 variable.grad = torch.zeros_like(variable) if grad is None else grad
-            loss = float(value.detach())
-            if best is None or loss < best.matching_loss or math.isnan(best.matching_loss):
-                best = Reconstruction(x.detach().clone(), label_dist().detach(),
-                                      {k: t.detach().clone() for k, t in extras.items()}, loss, 0.0)
+            current = {"loss": value.detach(), "images": x.detach(), "labels": label_dist().detach(),
+                       **{f"extra.{k}": t.detach() for k, t in extras.items()}}
+            better = (current["loss"] < best["loss"]) | best["loss"].isnan() if best else None
+            best.update({k: t.clone() if better is None else torch.where(better, t, best[k])
+                         for k, t in current.items()})
             return value
 
         if method == "ig":
@@ -231,8 +230,9 @@ def reconstruct(simulate: Callable[[torch.Tensor, torch.Tensor, Params], list[to
             for _ in progress(range(budget.iterations)):
                 opt.step(evaluate)
         evaluate()  # the last iterate
-        best.seconds = time.perf_counter() - began
-        restarts.append(best)
+        restarts.append(Reconstruction(best["images"], best["labels"],
+                                       {k: best[f"extra.{k}"] for k in extras}, float(best["loss"]),
+                                       time.perf_counter() - began))
     chosen = min(restarts, key=lambda r: r.matching_loss)
     return dataclasses.replace(chosen, seconds=time.perf_counter() - start, restarts=restarts)
 
