@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO
@@ -64,8 +63,8 @@ from ..metrics import round_line, round_record, write_metrics
 from ..models import cnn_spec
 from ..runner import check_resumable
 from .secure_aggregation import SecureAggregation, SecureRound
-from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, STATE_RUN_ID, FlowerSettings, refuse_keyed_noise,
-                       settings_from_run_config)
+from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, STATE_RUN_ID, FlowerSettings, as_run_config_error,
+                       refuse_keyed_noise, settings_from_run_config)
 
 UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
 
@@ -248,12 +247,15 @@ class UploadAuditingFedAvg(FedAvg):
         if len(good) < self.min_train_nodes:
             if phase == "train" and self.fold and self.pending:  # the previous round is complete: keep it
                 self.record(self.pending, by_partition(good))
-            kept = f"rounds 1-{len(self.rounds)}" if self.rounds else "no round"
             raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
                                   f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
-                                  f"{self.settings.output_dir} keeps {kept}")
+                                  f"{self.kept()}")
         self.report(server_round, self.failed[logged:])
         return good
+
+    def kept(self) -> str:
+        """What the output folder keeps when the run stops."""
+        return f"{self.settings.output_dir} keeps " + (f"rounds 1-{len(self.rounds)}" if self.rounds else "no round")
 
     @staticmethod
     def report(server_round: int, failures: list[str]) -> None:
@@ -304,8 +306,7 @@ class UploadAuditingFedAvg(FedAvg):
                                             "metrics": dict(metrics)}) + "\n")
         if self.secure and len(accepted) < len(good):  # its masked upload is in the mean: nothing can take it out
             raise FederationError(f"round {server_round}: secure aggregation: a reply was refused, and its upload is "
-                                  f"in the mean ({'; '.join(self.failed)}); {self.settings.output_dir} keeps "
-                                  f"rounds 1-{len(self.rounds)}")
+                                  f"in the mean ({'; '.join(self.failed)}); {self.kept()}")
         if self.fold and self.pending:  # these replies carry the evaluation of the previous round's state
             self.record(self.pending, by_partition(accepted))
         self.pending = TrainedRound(server_round, self.trained, time.perf_counter() - self.started, list(self.failed),
@@ -411,8 +412,8 @@ def resumed_checkpoint(settings: FlowerSettings) -> dict | None:
                                required=("config", "engine", "rounds", "flower", "sha256"))
     try:
         check_resumable(path, saved, settings.cfg, name=lambda field: field.replace("_", "-"))
-    except ConfigError as exc:  # the CLI's message names flags: here they are run-config keys
-        raise ConfigError("run config: " + re.sub(r"--([a-z][a-z0-9-]*)", r"\1", str(exc))) from None
+    except ConfigError as exc:
+        raise as_run_config_error(exc) from None
     return saved
 
 

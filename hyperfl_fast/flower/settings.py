@@ -84,8 +84,8 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
         values[name] = None if name in OPTIONAL_SIZES and value == 0 else value
     try:
         cfg = Config(**values).validate()
-    except ConfigError as exc:  # the training CLI's message names flags (--lr): here they are run-config keys
-        raise ConfigError("run config: " + re.sub(r"--([a-z][a-z0-9-]*)", r"\1", str(exc))) from None
+    except ConfigError as exc:
+        raise as_run_config_error(exc) from None
     min_clients = run_config.get("min-clients", 0) or cfg.clients
     if not isinstance(min_clients, int) or not 0 < min_clients <= cfg.clients:
         raise ConfigError(f"run config: min-clients must be an integer in [0, clients={cfg.clients}], "
@@ -98,6 +98,11 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
     return FlowerSettings(cfg, out, min_clients, float(timeout), bool(run_config.get("audit-uploads", False)),
                           bool(run_config.get("client-metrics", False)), bool(run_config.get("fold-evaluation", True)),
                           secure, bool(run_config.get("resume", False)))
+
+
+def as_run_config_error(exc: ConfigError) -> ConfigError:
+    """The training CLI's message names flags (--lr): over Flower the same settings are run-config keys."""
+    return ConfigError("run config: " + re.sub(r"--([a-z][a-z0-9-]*)", r"\1", str(exc)))
 
 
 def secagg_settings(run_config: dict, cfg: Config, min_clients: int) -> SecAggSettings:
