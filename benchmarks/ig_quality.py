@@ -2,6 +2,7 @@
 
     python benchmarks/ig_quality.py tv      # the TV-weight sweep that chose TV_WEIGHT (FedAvg, one step)
     python benchmarks/ig_quality.py rows    # the CLI's rows (FedAvg, DP baselines, HyperFL c) with today's IG
+    python benchmarks/ig_quality.py hyperfl # HyperFL's variants a (unknown embedding + classifier) and b (white-box)
 
 Fashion-MNIST (data/fashion-mnist or the Debian package), one image, 1000 iterations, one restart, seeds 0-2
 (each seed picks the image and the attack's start), models at initialisation; prints a markdown table of the
@@ -41,7 +42,9 @@ def main(what: str) -> None:
             print(line(f"fedavg, step, TV {tv:g}", psnrs([*common, "--method", "fedavg", "--tv", str(tv)])),
                   flush=True)
         return
-    rows = psnrs([*common, "--method", "fedavg", "dp-fedavg", "ppsgd", "centaur", "hyperfl", "--variant", "c"])
+    methods = ["--method", "hyperfl", "--variant", "a", "b"] if what == "hyperfl" else \
+        ["--method", "fedavg", "dp-fedavg", "ppsgd", "centaur", "hyperfl", "--variant", "c"]
+    rows = psnrs([*common, *methods])
     for key in dict.fromkeys((r["method"], r["variant"]) for r in rows):
         print(line(" ".join(filter(None, key)), [r for r in rows if (r["method"], r["variant"]) == key]))
 

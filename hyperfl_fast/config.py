@@ -78,6 +78,10 @@ class Config:
     # "shared": every client starts from one embedding/classifier (or, for local, one CNN) draw, as the
     # authors' code does by deep-copying one model; "independent": a fresh draw per client (a deviation)
     client_init: str = "shared"
+    # hyperfl: each client checks the hypernetwork it receives and refuses one whose weights barely depend on its
+    # embedding (hyperfl_fast.methods.psi_check); off by default (see the module: what it does not stop, and why
+    # honest clients from the shared start fail it)
+    psi_check: bool = False
     iid: bool = False
     iid_share: float = 0.2  # non-IID: share s of each client's samples spread over all classes
     local_size: int | None = None  # training samples per client; None = the dataset's default
@@ -142,6 +146,9 @@ class Config:
         if self.cuda_graphs and (CUDA_GRAPHS not in method.supports or self.engine != "batched"):
             raise ConfigError(f"--cuda-graphs: only {' and '.join(method_names(CUDA_GRAPHS))}'s batched engine "
                               f"captures its steps, not {self.method} on the {self.engine} engine")
+        if self.psi_check and not method.checks_received:
+            raise ConfigError(f"--psi-check: only {', '.join(n for n, m in METHODS.items() if m.checks_received)} "
+                              f"clients check what they receive, not {self.method}")
         if self.poisson and POISSON not in method.supports:
             raise ConfigError(f"--poisson samples DP-SGD batches: it applies to {', '.join(method_names(POISSON))}, "
                               f"not {self.method}")

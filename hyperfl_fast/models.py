@@ -116,13 +116,18 @@ def join_flat(tensors: dict[str, torch.Tensor], shapes: list[tuple[str, tuple[in
     return torch.cat([tensors[name].flatten(lead) for name, _ in shapes], dim=-1)
 
 
-def extract_features(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec) -> torch.Tensor:
-    """Feature extractor f(x; theta) with the given tensors: (B, C, H, W) -> (B, hidden)."""
+def conv_features(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec) -> torch.Tensor:
+    """The conv stack's flattened output, fc1's input: (B, C, H, W) -> (B, flat_features)."""
     for i, conv in enumerate(spec.convs, start=1):
         x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=conv.padding)
         x = F.max_pool2d(F.leaky_relu(x, LEAKY_SLOPE), 2)
-    x = x.flatten(1)
-    return F.leaky_relu(F.linear(x, params["fc1.weight"], params["fc1.bias"]), LEAKY_SLOPE)
+    return x.flatten(1)
+
+
+def extract_features(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec) -> torch.Tensor:
+    """Feature extractor f(x; theta) with the given tensors: (B, C, H, W) -> (B, hidden)."""
+    return F.leaky_relu(F.linear(conv_features(x, params, spec), params["fc1.weight"], params["fc1.bias"]),
+                        LEAKY_SLOPE)
 
 
 def extract_features_batched(x: torch.Tensor, params: dict[str, torch.Tensor], spec: CNNSpec,

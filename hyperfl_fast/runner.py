@@ -34,9 +34,9 @@ from .progress import progress_bar
 
 # settings a run may change when it resumes (every engine saves the same state, so the engine is one of them)
 RESUME_MAY_CHANGE = {"rounds", "device", "output_dir", "data_dir", "precision", "cuda_graphs", "dispatch", "ops_path",
-                     "engine"}
+                     "engine", "psi_check"}
 # settings older checkpoints lack, with the behaviour those runs had
-LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False, "dp_noise": "keyed"}
+LEGACY_DEFAULTS = {"client_init": "independent", "poisson": False, "dp_noise": "keyed", "psi_check": False}
 # settings that only DP methods read (a non-DP run resumes whatever they say)
 DP_ONLY = {"dp_noise"}
 
@@ -67,6 +67,10 @@ def prepare(cfg: Config, log: Callable[[str], None] = print):
 
 class TrainingDiverged(RuntimeError):
     """A round produced a non-finite loss or non-finite parameters; nothing of it was saved."""
+
+
+class EveryClientRefused(TrainingDiverged):
+    """Every sampled client refused what the server sent (``--psi-check``); nothing of the round was saved."""
 
 
 def check_resumable(path: Path, state: dict, cfg: Config, name: Callable[[str], str] = str) -> None:
@@ -205,6 +209,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         f"engine {cfg.engine}, device {device}; ops: {ops_paths}"
         + ("; steps: CUDA graphs" if cfg.cuda_graphs else ""))
 
+    if cfg.psi_check and cfg.client_init == "shared":
+        log("warning: --psi-check with --client-init shared: from the shared start most clients' hypernetwork hidden "
+            "units die in round 1, so their weights stop depending on their embedding and they refuse every later "
+            "round; use --client-init independent")
     first_round, writer = len(rounds), BackgroundWriter()
     try:
         _train(cfg, engine, rounds, first_round, out, checkpoint, writer, log)
@@ -218,12 +226,27 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
     return RunResult(cfg, rounds, out)
 
 
+def accepting_clients(engine, sampled: list[int], round_idx: int, log: Callable[[str], None]) -> list[int]:
+    """The sampled clients that accept what the server sends them (``--psi-check``); each refusal is logged."""
+    reasons = engine.method.refusals(engine.global_state(), [engine.client_state(c) for c in sampled])
+    for cid, reason in zip(sampled, reasons):
+        if reason:
+            log(f"round {round_idx + 1}: client {cid} refused the hypernetwork it received: {reason}")
+    accepted = [cid for cid, reason in zip(sampled, reasons) if not reason]
+    if not accepted:
+        raise EveryClientRefused(f"round {round_idx + 1}: every sampled client refused the hypernetwork (--psi-check); "
+                              "run without --psi-check to train anyway")
+    return accepted
+
+
 def _train(cfg: Config, engine, rounds: list[dict], first_round: int, out: Path, checkpoint: Path,
            writer: BackgroundWriter, log: Callable[[str], None]) -> None:
     """The round loop: train, check, then hand the round's checkpoint and metrics to ``writer``."""
     for round_idx in range(len(rounds), cfg.rounds):
         start = time.perf_counter()
         sampled = sample_clients(cfg.clients, cfg.frac, cfg.seed, round_idx)
+        if cfg.psi_check:
+            sampled = accepting_clients(engine, sampled, round_idx, log)
         results = engine.run_round(round_idx, sampled, progress_bar(f"round {round_idx + 1}", engine.progress_unit))
         epsilons = engine.privacy.epsilons() if engine.privacy is not None else None  # every client, not only these
         record = round_record(cfg, round_idx, results, time.perf_counter() - start, epsilons)

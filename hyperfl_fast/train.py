@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-init", default=d.client_init,
                    help=f"one of: {', '.join(CLIENT_INITS)} (shared: every client starts from one embedding and "
                         "classifier draw, as the authors' code; independent: one draw per client, a deviation)")
+    p.add_argument("--psi-check", action="store_true",
+                   help="hyperfl: each client refuses a received hypernetwork whose weights barely depend on its "
+                        "embedding (a malicious server's imprint attack; hyperfl_fast.methods.psi_check). Use it with "
+                        "--client-init independent: from the shared start most honest clients' hidden units die in "
+                        "round 1 and they would refuse")
     p.add_argument("--iid", action="store_true", help="IID partition instead of the paper's non-IID one")
     p.add_argument("--iid-share", type=float, default=d.iid_share,
                    help="non-IID share s: fraction of each client's data spread over all classes")

@@ -32,9 +32,11 @@ from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, STATE_RUN_ID, nod
 
 PRIVATE = "private"  # Context.state: the client's private arrays
 PROGRESS = "progress"  # Context.state: rounds trained so far (for the privacy accountant and the audit)
-# Node config: where the node keeps its private state on disk (it survives a restart of the SuperNode), and
-# whether a node whose state is gone may start again from the seeded start (its privacy accounting restarts).
-STATE_DIR, FRESH_START = "state-dir", "fresh-start"
+# Node config: where the node keeps its private state on disk (it survives a restart of the SuperNode),
+# whether a node whose state is gone may start again from the seeded start (its privacy accounting restarts),
+# and whether it checks what it receives (--psi-check) whatever the server's run config says: the check guards
+# against the server, so the node's own word turns it on.
+STATE_DIR, FRESH_START, PSI_CHECK = "state-dir", "fresh-start", "psi-check"
 STATE_DIR_ENV = "HYPERFL_NODE_STATE_DIR"  # the default state-dir (Flower's simulation gives no node config)
 DEFAULT_STATE_DIR = Path.home() / ".local" / "state" / "hyperfl_fast" / "flower"
 
@@ -170,7 +172,13 @@ def client_round(context: Context, global_state: dict, server_round: int,
     cfg, method = settings.cfg, get_method(settings.cfg.method)
     privacy = ClientPrivacy.from_config([data.num_train], cfg, first_client=data.client_id) if method.dp else None
     done = rounds_trained(context)
-    update = method.client_update(spec, global_state, private_state(context, initial), data, cfg, server_round - 1,
+    private = private_state(context, initial)
+    if (cfg.psi_check or context.node_config.get(PSI_CHECK, False)) and method.checks_received:
+        reason = method.refusals(global_state, [private])[0]
+        if reason:  # nothing is trained, nothing is replied: the server counts a failure
+            raise ConfigError(f"partition {data.client_id} refused what the server sent in round {server_round} "
+                              f"(psi-check): {reason}")
+    update = method.client_update(spec, global_state, private, data, cfg, server_round - 1,
                                   privacy.client(0) if privacy else None)
     context.state[PRIVATE] = ArrayRecord({k: t.cpu() for k, t in update.private.items()})  # stays on the node
     context.state[PROGRESS] = ConfigRecord({"rounds": done + 1})

@@ -139,6 +139,16 @@ class Method(ABC):
         :meth:`aggregate`), so that their weighted sum is all it needs (secure aggregation)."""
         return bool(self.uploads) and not self.sends_per_client and type(self).aggregate is Method.aggregate
 
+    @property
+    def checks_received(self) -> bool:
+        """Whether its clients can check what they receive before training (:meth:`refusals`, ``--psi-check``)."""
+        return type(self).refusals is not Method.refusals
+
+    def refusals(self, received: State, privates: list[State]) -> list[str | None]:
+        """For clients with private states ``privates`` that received ``received``: why each refuses to train
+        on it, or None to accept (``--psi-check``).  By default every client accepts."""
+        return [None] * len(privates)
+
     def send(self, spec: CNNSpec, global_state: State, cid: int) -> State:
         """What the server sends client ``cid`` at the start of a round: by default the global state itself
         (a method whose server holds per-client parts, like pFedHN's embeddings, sends only that client's)."""

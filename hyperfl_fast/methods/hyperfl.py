@@ -29,6 +29,7 @@ from ..lockstep.graphs import StepGraph
 from ..lockstep.hypernet import LockstepHypernetwork
 from ..models import (CNNSpec, GeneratedCNN, HyperNetwork, extract_features_batched, init_hyperfl, split_theta)
 from ..ops.sgd import SGD
+from . import psi_check
 from .base import ATTACK, CUDA_GRAPHS, ClientUpdate, Method, State, detached, load_module, register, sgd
 
 PRIVATE_KEYS = ("embedding", "classifier.weight", "classifier.bias")  # never leave the client
@@ -263,3 +264,7 @@ class HyperFL(Method):
 
     def predict(self, spec, global_state, private):
         return client_model(spec, global_state, private, copy=False)
+
+    def refusals(self, received, privates):
+        """A client refuses a psi whose weights barely depend on its embedding (:mod:`.psi_check`)."""
+        return psi_check.refusals(received, torch.stack([p["embedding"] for p in privates]))

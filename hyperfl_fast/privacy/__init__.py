@@ -5,7 +5,9 @@
   (:func:`~.attacks.local_update`) and the IG / DLG optimisers (:func:`~.attacks.reconstruct`);
 - :mod:`.threats`: what the server observes and knows for FedAvg and for
   HyperFL attack variants a (unknown private parts), b (white-box) and
-  c (structure-aware).
+  c (structure-aware);
+- :mod:`.analytic`: the attacks that read HyperFL's upload in closed form first, ``joint`` (an honest server)
+  and ``imprint`` (a malicious one), also on the sum of several uploads (secure aggregation).
 
 The command line is ``python -m hyperfl_fast.attack``.
 """

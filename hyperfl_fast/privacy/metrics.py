@@ -46,6 +46,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int 
     return ssim_map.flatten(1).mean(1).to(x.dtype)
 
 
+def best_matches(candidates: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """For each ground-truth image, the candidate with the highest PSNR against it (candidates may repeat):
+    (len(truth), C, H, W).  For attacks that return any number of candidates, e.g. one per trap row."""
+    scores = torch.stack([psnr(candidates, t.expand_as(candidates)) for t in truth])  # (truth, candidates)
+    return candidates[scores.argmax(1)]
+
+
 def match_to_ground_truth(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Reorder ``recon`` so that recon[i] pairs with truth[i], maximising the total PSNR.
 

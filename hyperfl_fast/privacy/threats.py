@@ -50,6 +50,7 @@ class Scenario:
     labels: torch.Tensor | None  # inferred labels, or None when they must be optimised
     unknowns: Unknowns
     diagnostics: dict  # what else the attacker learnt (variant c), for the report
+    shape: tuple[int, ...] | None = None  # the images to reconstruct (None: as many as the client's batch)
 
 
 def _linear_init(out_features: int, in_features: int, prefix: str = "cls."):
@@ -138,21 +139,74 @@ def hyperfl_loss(spec: CNNSpec, hypernet: HyperNetwork):
     return loss_fn
 
 
+@dataclass
+class HyperFLClient:
+    """One HyperFL client as the attacks simulate it: its private embedding and classifier and its private batch."""
+
+    embedding: torch.Tensor  # (E,)
+    classifier: nn.Linear
+    x: torch.Tensor  # (B, C, H, W), normalised
+    y: torch.Tensor  # (B,)
+
+    @property
+    def private(self) -> Params:
+        return {"embedding": self.embedding.detach(), "cls.weight": self.classifier.weight.detach(),
+                "cls.bias": self.classifier.bias.detach()}
+
+
+def hyperfl_training(training: LocalTraining) -> LocalTraining:
+    """``training`` as a HyperFL client runs it: psi and the embedding clipped as two groups."""
+    return LocalTraining(training.steps, training.lr, training.momentum, training.weight_decay, training.clip,
+                         [list(HYPER_KEYS), ["embedding"]])
+
+
+def hyperfl_upload(spec: CNNSpec, psi: Params, client: HyperFLClient, training: LocalTraining) -> Params:
+    """What leaves a HyperFL client that received ``psi`` and trained on its batch: the hypernetwork's gradient
+    (one step) or change (several), nothing else (:func:`hyperfl_training` says how it trains)."""
+    with torch.device("meta"):  # the structure only: functional_call supplies psi's tensors
+        hypernet = HyperNetwork(psi["fc.weight"].shape[1], psi["fc.weight"].shape[0], psi["heads.weight"].shape[0])
+    private = client.private
+    trainable = {**{k: t.clone().requires_grad_() for k, t in psi.items()},
+                 "embedding": private["embedding"].clone().requires_grad_()}
+    onehot = nn.functional.one_hot(client.y, spec.num_classes).float()
+    upload = local_update(hyperfl_loss(spec, hypernet), trainable,
+                          {k: private[k] for k in ("cls.weight", "cls.bias")}, client.x, onehot,
+                          hyperfl_training(training))
+    return {k: upload[k].detach() for k in HYPER_KEYS}
+
+
+def generated_update(psi: Params, upload: Params, training: LocalTraining
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(theta, d_theta, h): the weights the client generated, their gradient and the hypernetwork's hidden
+    vector, read off its upload.
+
+    Every generated tensor is ``heads.weight @ h + heads.bias``, so the heads-bias upload is ``d_theta`` and the
+    heads-weight upload is the rank-one ``d_theta ⊗ h``: ``h = Gᵀ g / ‖g‖²`` and ``theta`` follow, exactly for
+    one step.  Over T steps a head's change is ``-lr`` times the summed momentum buffers, each the steps'
+    (clipped) gradients plus weight decay: the change over ``-lr`` less the weight decay's share (the head
+    itself times ``wd`` and the momentum-summed step count) is the steps' gradients summed with momentum
+    weights, approximately (the heads move a little meanwhile), and the same identities follow.  A sum of
+    several clients' uploads (secure aggregation) mixes their ``h``.
+    """
+    g_heads, g_bias = upload["heads.weight"], upload["heads.bias"]  # (P, H), (P,)
+    if training.steps > 1:  # summed gradients, from the changes
+        m, steps = training.momentum, training.steps
+        decay = training.weight_decay * sum((1 - m ** (steps - s)) / (1 - m) for s in range(steps))
+        g_heads = -g_heads / training.lr - decay * psi["heads.weight"]
+        g_bias = -g_bias / training.lr - decay * psi["heads.bias"]
+    hidden = g_heads.t() @ g_bias / g_bias.pow(2).sum()  # (H,)
+    theta = psi["heads.weight"] @ hidden + psi["heads.bias"]
+    return theta, g_bias, hidden
+
+
 def hyperfl_scenario(spec: CNNSpec, hypernet: HyperNetwork, embedding: torch.Tensor, classifier: nn.Linear,
                      x: torch.Tensor, y: torch.Tensor, training: LocalTraining, variant: str) -> Scenario:
     """The server knows psi (global) and the architecture and sees the hypernetwork's upload only."""
     psi = {k: t.detach() for k, t in hypernet.state_dict().items()}
-    private = {"embedding": embedding.detach(), "cls.weight": classifier.weight.detach(),
-               "cls.bias": classifier.bias.detach()}
+    client = HyperFLClient(embedding, classifier, x, y)
+    private = client.private
     loss_fn = hyperfl_loss(spec, hypernet)
-    training = LocalTraining(training.steps, training.lr, training.momentum, training.weight_decay,
-                             training.clip, [list(HYPER_KEYS), ["embedding"]])
-    onehot = nn.functional.one_hot(y, spec.num_classes).float()
-    trainable = {**{k: t.clone().requires_grad_() for k, t in psi.items()},
-                 "embedding": private["embedding"].clone().requires_grad_()}
-    client_upload = local_update(loss_fn, trainable, {k: private[k] for k in ("cls.weight", "cls.bias")},
-                                 x, onehot, training)
-    observed = {k: client_upload[k].detach() for k in HYPER_KEYS}  # all that leaves the client
+    observed = hyperfl_upload(spec, psi, client, training)  # all that leaves the client
 
     if variant in ("a", "b"):
         if variant == "a":
@@ -165,7 +219,7 @@ def hyperfl_scenario(spec: CNNSpec, hypernet: HyperNetwork, embedding: torch.Ten
             known = {**private, **extras}
             start = {**psi, "embedding": known["embedding"]}
             upload = local_update(loss_fn, start, {k: known[k] for k in ("cls.weight", "cls.bias")}, images,
-                                  targets, training, create_graph=True)
+                                  targets, hyperfl_training(training), create_graph=True)
             return [upload[k] for k in HYPER_KEYS]
 
         return Scenario(f"hyperfl-{variant}", simulate, [observed[k] for k in HYPER_KEYS], None, unknowns, {})
@@ -173,25 +227,33 @@ def hyperfl_scenario(spec: CNNSpec, hypernet: HyperNetwork, embedding: torch.Ten
     if variant != "c":
         raise ValueError(f"unknown HyperFL attack variant {variant!r}; choose a, b or c")
     # structure-aware: the heads' upload is (close to) the rank-one d_theta ⊗ h
-    g_heads, g_bias = observed["heads.weight"], observed["heads.bias"]  # (P, H), (P,)
-    hidden_est = g_heads.t() @ g_bias / g_bias.pow(2).sum()  # (H,)
-    theta_est = psi["heads.weight"] @ hidden_est + psi["heads.bias"]  # the client's generated weights
+    theta_est, target, hidden_est = generated_update(psi, observed, training)
     v_dir = torch.linalg.svd(observed["fc.weight"], full_matrices=False).Vh[0]  # embedding direction, up to sign
+    diagnostics = {**theta_diagnostics(hypernet, embedding, theta_est, hidden_est),
+                   "embedding_abs_cosine": float(nn.functional.cosine_similarity(v_dir, embedding.detach(),
+                                                                                 dim=0).abs())}
+    return Scenario("hyperfl-c", dummy_classifier_simulation(spec, theta_est), [target], None,
+                    Unknowns(_linear_init(spec.num_classes, spec.hidden)), diagnostics)
+
+
+def theta_diagnostics(hypernet: HyperNetwork, embedding: torch.Tensor, theta_est: torch.Tensor,
+                      hidden_est: torch.Tensor) -> dict:
+    """How close the attacker's ``theta`` and hidden vector are to what the client really generated."""
     with torch.no_grad():
         true_hidden = torch.relu(hypernet.fc(embedding))
         true_theta = hypernet.heads(true_hidden)
-    diagnostics = {
-        "hidden_cosine": float(nn.functional.cosine_similarity(hidden_est, true_hidden, dim=0)),
-        "theta_rel_error": float((theta_est - true_theta).norm() / true_theta.norm()),
-        "embedding_abs_cosine": float(nn.functional.cosine_similarity(v_dir, embedding.detach(), dim=0).abs()),
-    }
+    return {"hidden_cosine": float(nn.functional.cosine_similarity(hidden_est, true_hidden, dim=0)),
+            "theta_rel_error": float((theta_est - true_theta).norm() / true_theta.norm())}
+
+
+def dummy_classifier_simulation(spec: CNNSpec, theta: torch.Tensor):
+    """simulate(images, labels, extras) -> [d_theta] of the generated network ``theta`` under the attacker's dummy
+    classifier (``extras["cls.weight"]``, ``extras["cls.bias"]``)."""
 
     def simulate(images, targets, extras):
-        theta = theta_est.clone().requires_grad_()
-        feats = extract_features(images, split_theta(theta, spec), spec)
+        leaf = theta.clone().requires_grad_()
+        feats = extract_features(images, split_theta(leaf, spec), spec)
         loss = soft_cross_entropy(nn.functional.linear(feats, extras["cls.weight"], extras["cls.bias"]), targets)
-        return list(torch.autograd.grad(loss, [theta], create_graph=True))
+        return list(torch.autograd.grad(loss, [leaf], create_graph=True))
 
-    target = g_bias if training.steps == 1 else -g_bias  # a parameter change points against the gradient
-    return Scenario("hyperfl-c", simulate, [target], None, Unknowns(_linear_init(spec.num_classes, spec.hidden)),
-                    diagnostics)
+    return simulate
