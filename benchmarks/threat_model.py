@@ -37,7 +37,7 @@ def line(label: str, rows: list[dict]) -> str:
     psnrs = [r["psnr"] for r in rows]
     recovered = sum(r["recovered"] for r in rows)
     images = sum(r["images"] for r in rows)
-    extra = ", ".join(f"{k} {rows[0][k]}" for k in ("candidates", "images_with_an_exact_candidate",
+    extra = ", ".join(f"{k} {rows[0][k]}" for k in ("candidates", "images_isolated", "isolated_median_error",
                                                      "fc_input_rel_error", "theta_rel_error") if k in rows[0])
     spread = f" ({min(psnrs):.1f}-{max(psnrs):.1f})" if len(psnrs) > 1 else ""
     return (f"| {label} | {statistics.median(psnrs):.1f}{spread} | {statistics.median(r['ssim'] for r in rows):.3f} | "

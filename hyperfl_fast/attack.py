@@ -203,6 +203,10 @@ def check_args(args) -> None:
         raise ValueError(f"--attack {' '.join(hyperfl_attacks)} attacks HyperFL's upload: add hyperfl to --method")
     if "real-round" in args.setting and set(args.attack) - set(HYPERFL_ONLY):
         raise ValueError(f"--setting real-round applies to --attack {', '.join(HYPERFL_ONLY)} only")
+    for flag, given in (("--clients-summed", args.clients_summed != [1]), ("--psi-check", args.psi_check)):
+        if given and not hyperfl_attacks:
+            raise ValueError(f"{flag} applies to --attack {', '.join(HYPERFL_ONLY)}, not to "
+                             f"{' '.join(args.attack)}")
     if max(args.clients_summed) > 1 and args.checkpoint:
         raise ValueError("--clients-summed above 1 draws the other clients afresh; it does not combine with "
                          "--checkpoint")
@@ -221,7 +225,8 @@ def check_args(args) -> None:
 def other_clients(spec, count: int, seed: int, device) -> list[tuple[torch.Tensor, nn.Linear]]:
     """Private parts (embedding, classifier) of ``count`` further clients, drawn as a run's independent start."""
     torch.manual_seed(seed + 1)
-    _, embeddings, classifiers = init_hyperfl(spec, count, PAPER.embed_dim, PAPER.hidden_dim, torch.device("cpu"))
+    _, embeddings, classifiers = init_hyperfl(spec, count, PAPER.embed_dim, PAPER.hidden_dim, torch.device("cpu"),
+                                              shared=False)
     return [(v.detach().to(device), c.to(device)) for v, c in zip(embeddings, classifiers)]
 
 
@@ -243,6 +248,9 @@ def run_attacks(args, log=print) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     summed = max(args.clients_summed) if set(args.attack) & set(HYPERFL_ONLY) else 1
     per_client = max(args.batch_size, dataset.local_size if "real-round" in args.setting else 0)
+    if per_client * summed > len(dataset.train_labels):
+        raise ValueError(f"--clients-summed {summed} x {per_client} images per client needs {per_client * summed} "
+                         f"images; {args.dataset} has {len(dataset.train_labels)}")
     pick = torch.randperm(len(dataset.train_labels), generator=gen)[:per_client * summed]
     images_all = dataset.normalize(dataset.train_images[pick]).to(device)  # every summed client's, in order
     labels_all = dataset.train_labels[pick].to(device)
@@ -272,7 +280,8 @@ def run_attacks(args, log=print) -> dict:
         scenarios = []  # (method, variant, attack, scenario or the reason every client refused, clients summed)
         for attack in args.attack:
             if attack in HYPERFL_ONLY:
-                training = RealRound(Config(dataset=args.dataset, seed=args.seed)) if setting == "real-round" \
+                training = RealRound(Config(dataset=args.dataset, seed=args.seed), dataset.augment) \
+                    if setting == "real-round" \
                     else LocalTraining(steps, clip=PAPER.grad_clip)
                 for n in args.clients_summed:
                     clients = hyperfl_clients(n, per_image)
@@ -286,35 +295,35 @@ def run_attacks(args, log=print) -> dict:
         for method, variant, attack, n, scenario, refused in scenarios:
             row = {"method": method, "variant": variant, "attack": attack, "clients_summed": n,
                    "variant_name": VARIANT_NAMES.get(variant, attack.upper()), "setting": setting}
+            # the images the attack targets: one per reconstruction (the attacked client's batch), or for
+            # candidates (imprint, a real round) every image the server's sum holds, each scored by its best one
+            targets = truth if scenario is not None and scenario.shape is None or refused and attack == "joint" \
+                else as_images(torch.cat([c.x for c in hyperfl_clients(n, per_image)]))
             if refused:
                 log(f"{method} {variant} ({setting}, {n} clients summed): {refused}")
                 rows.append({**row, "refused": refused, "psnr": None, "ssim": None, "lpips": None, "recovered": 0,
-                             "images": n * per_image, "psnr_restarts": []})
+                             "images": len(targets), "psnr_restarts": []})
                 images.append(torch.zeros_like(truth))
                 continue
             log(f"attacking {scenario.name} ({setting}, {attack}, {n} clients summed, {args.iterations} iterations)")
             rec = reconstruct(scenario.simulate, scenario.observed, scenario.shape or tuple(x.shape),
                               spec.num_classes, bounds, scenario.labels, scenario.unknowns,
                               "dlg" if attack == "dlg" else "ig", budget, progress=progress_bar(scenario.name))
-            every_truth = as_images(torch.cat([c.x for c in hyperfl_clients(n, per_image)]) if attack in HYPERFL_ONLY
-                                    else x)
-            if scenario.shape is None:  # one reconstruction per image of the client's batch
-                recon = match_to_ground_truth(as_images(rec.images), truth)
-                scores = psnr(recon, truth)
-                restarts = [psnr(match_to_ground_truth(as_images(r.images), truth), truth).mean().item()
-                            for r in rec.restarts]
-            else:  # candidates: each image of every summed client is scored by its best candidate
-                best = best_matches(as_images(rec.images), every_truth)
-                recon, scores, restarts = best[:args.batch_size], psnr(best, every_truth), []
-            shown = recon[:len(truth)]
-            s = ssim(shown, truth)
+
+            def scored(reconstruction: torch.Tensor) -> torch.Tensor:  # one image per target, in its order
+                matcher = match_to_ground_truth if scenario.shape is None else best_matches
+                return matcher(as_images(reconstruction), targets)
+
+            recon = scored(rec.images)
+            scores, s = psnr(recon, targets), ssim(recon, targets)
             rows.append({**row, "psnr": scores.mean().item(), "ssim": s.mean().item(),
-                         "lpips": lpips(shown, truth).mean().item() if lpips else None,
+                         "lpips": lpips(recon, targets).mean().item() if lpips else None,
                          "recovered": int((scores >= RECOVERED_DB).sum()), "images": len(scores),
                          "psnr_per_image": scores.tolist(), "ssim_per_image": s.tolist(),
-                         "matching_loss": rec.matching_loss, "seconds": rec.seconds, "psnr_restarts": restarts,
+                         "matching_loss": rec.matching_loss, "seconds": rec.seconds,
+                         "psnr_restarts": [psnr(scored(r.images), targets).mean().item() for r in rec.restarts],
                          **scenario.diagnostics})
-            images.append(shown)
+            images.append(recon[:len(truth)])
             log(f"  PSNR {scores.mean().item():.2f} dB | recovered {rows[-1]['recovered']}/{len(scores)} | "
                 f"{rec.seconds:.0f} s")
     results = {"config": vars(args), "ground_truth_labels": y.tolist(), "rows": rows}

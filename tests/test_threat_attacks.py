@@ -56,6 +56,22 @@ def test_theta_and_its_gradient_are_read_off_a_one_step_upload_exactly():
     assert 0 < scale <= 1.0 + 1e-6
 
 
+def test_several_steps_are_read_with_their_weight_decay_taken_out():
+    """Over several steps the heads' changes include weight decay on the heads themselves; taking it out gives
+    theta closer to the truth than ignoring it (a strong weight decay makes the difference visible)."""
+    psi, (client,) = make_clients(1, 2)
+    training = LocalTraining(5, lr=0.01, weight_decay=0.05, clip=50.0)
+    upload = hyperfl_upload(SPEC, psi, client, training)
+    truth = true_theta(psi, client.embedding)
+
+    def error(reading):
+        theta, _, _ = generated_update(psi, upload, reading)
+        return float((theta - truth).norm() / truth.norm())
+
+    corrected, ignored = error(training), error(LocalTraining(5, lr=0.01, weight_decay=0.0, clip=50.0))
+    assert corrected < 0.1 and corrected < 0.75 * ignored  # measured 0.074 against 0.114
+
+
 def test_fc_inputs_are_exact_for_one_image():
     psi, (client,) = make_clients(1, 1)
     _, grad = true_gradient(psi, client)
@@ -91,21 +107,27 @@ def test_crafted_psi_makes_every_client_generate_theta_star():
 
 
 def test_secure_aggregation_simulation_sums_the_uploads():
+    """Under a crafted psi the summed heads-bias upload is the sum of the clients' own gradients of theta*,
+    each computed directly with its own classifier; a sum of honest uploads is no single client's."""
     psi, clients = make_clients(3, 2)
-    training = LocalTraining(2, clip=50.0)
-    total = summed_upload(SPEC, psi, clients, training)
-    parts = [hyperfl_upload(SPEC, psi, c, training) for c in clients]
-    for k, t in total.items():
-        torch.testing.assert_close(t, parts[0][k] + parts[1][k] + parts[2][k])
-        assert not torch.allclose(t, parts[0][k])
+    theta_star = imprint_theta(SPEC, smooth_images(200, 7), LOW, 6, torch.Generator().manual_seed(0))
+    sent = crafted_psi(psi, theta_star)
+    total = summed_upload(SPEC, sent, clients, LocalTraining(1))
+    expected = sum(true_gradient(sent, c)[1] for c in clients)
+    torch.testing.assert_close(total["heads.bias"], expected, rtol=1e-4, atol=1e-7)
+    honest = summed_upload(SPEC, psi, clients, LocalTraining(1))
+    alone = hyperfl_upload(SPEC, psi, clients[0], LocalTraining(1))
+    assert not torch.allclose(honest["heads.bias"], alone["heads.bias"])
 
 
 def test_imprint_recovers_fc1_inputs_of_several_clients_through_their_sum():
-    """Trap rows calibrated for the summed batch isolate images: some candidates are exact fc1 inputs."""
+    """Trap rows calibrated for the summed batch isolate images: candidates within a few percent (the leaky
+    ReLU's leak) of several images' fc1 inputs, measured by relative distance (seed 0: 4 of 6 images)."""
     psi, clients = make_clients(3, 2)
     theta_star = imprint_theta(SPEC, smooth_images(400, 9), LOW, 6, torch.Generator().manual_seed(0))
     scenario = imprint_scenario(SPEC, crafted_psi(psi, theta_star), clients, LocalTraining(1, clip=50.0))
-    assert scenario.diagnostics["images_with_an_exact_candidate"] >= 2
+    assert scenario.diagnostics["images_isolated"] >= 3
+    assert scenario.diagnostics["isolated_median_error"] < 0.05
     assert scenario.shape == (scenario.diagnostics["candidates"], 1, 12, 12)
 
 
@@ -127,8 +149,12 @@ def test_psi_check_refuses_a_crafted_psi_accepts_honest_ones_and_misses_the_evas
     theta_star = imprint_theta(SPEC, smooth_images(200, 7), LOW, 8, torch.Generator().manual_seed(0))
     assert all("barely depend on the embedding" in r for r in refusals(crafted_psi(psi, theta_star), embeddings))
     gen = torch.Generator().manual_seed(1)
-    evasive = evasive_psi(psi, theta_star, SPEC, torch.randn(32, 8, generator=gen), 10 * SENSITIVITY_FLOOR, gen)
-    assert refusals(evasive, embeddings) == [None] * 4  # the check's known limit
+    probes = torch.randn(32, 8, generator=gen)
+    evasive = evasive_psi(psi, theta_star, SPEC, probes, 10 * SENSITIVITY_FLOOR, gen)
+    assert embedding_sensitivity(evasive, probes).median().item() == pytest.approx(10 * SENSITIVITY_FLOOR, rel=1e-3)
+    assert refusals(evasive, embeddings) == [None] * 4  # the check's known limit ...
+    scenario = imprint_scenario(SPEC, evasive, clients, LocalTraining(1, clip=50.0))
+    assert scenario.diagnostics["images_isolated"] >= 2  # ... and the traps still work
 
 
 def test_training_with_psi_check_and_its_errors(tmp_path, capsys):
@@ -177,6 +203,21 @@ def test_attack_cli_joint_imprint_secure_sum_and_psi_check(tmp_path, capsys):
     assert "add hyperfl to --method" in capsys.readouterr().err
     assert main(["--dataset", "synthetic", "--method", "hyperfl", "--attack", "imprint", "--batch-size", "50",
                  "--iterations", "1", "--output-dir", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert len(row["psnr_per_image"]) == len(row["ssim_per_image"]) == row["images"] == 50
+    for args, message in ((["--attack", "imprint", "--batch-size", "64", "--clients-summed", "5000"],
+                           "needs 320000 images"),
+                          (["--attack", "ig", "--clients-summed", "3"], "--clients-summed applies to --attack joint"),
+                          (["--attack", "ig", "--psi-check"], "--psi-check applies to --attack joint")):
+        assert main(["--dataset", "synthetic", "--method", "hyperfl", *args, "--output-dir", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_the_other_summed_clients_are_independent_draws():
+    from hyperfl_fast.attack import other_clients
+
+    (v1, c1), (v2, c2) = other_clients(SPEC, 2, 0, torch.device("cpu"))
+    assert not torch.equal(v1, v2) and not torch.equal(c1.weight, c2.weight)
 
 
 def test_a_flower_node_with_psi_check_refuses_a_crafted_psi(tmp_path, monkeypatch):
@@ -221,6 +262,6 @@ def test_imprint_on_a_clients_real_round():
     assert training.local_training(40).steps == 4
     theta_star = imprint_theta(SPEC, smooth_images(400, 9), LOW, 80, torch.Generator().manual_seed(0))
     scenario = imprint_scenario(SPEC, crafted_psi(psi, theta_star), clients, training)
-    assert scenario.diagnostics["images_with_an_exact_candidate"] >= 1  # here 1 of 80 (seed 0)
+    assert scenario.diagnostics["candidates"] >= 1
     joint = joint_scenario(SPEC, psi, clients[:1], training, reconstruct_images=3)
     assert joint.shape == (3, 1, 12, 12) and set(joint.unknowns.init) == {"cls.weight", "cls.bias"}
