@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import ops
 from ..config import Config
 from ..models import CNNSpec, conv_features, split_theta
 from .attacks import LocalTraining, Params, Unknowns
@@ -127,9 +128,9 @@ def joint_scenario(spec: CNNSpec, psi: Params, clients: list[HyperFLClient], tra
 
 
 def true_theta(psi: Params, embedding: torch.Tensor) -> torch.Tensor:
-    """h(v; psi): the weights a client with ``embedding`` generates from ``psi``."""
-    hidden = torch.relu(nn.functional.linear(embedding, psi["fc.weight"], psi["fc.bias"]))
-    return nn.functional.linear(hidden, psi["heads.weight"], psi["heads.bias"])
+    """h(v; psi): the weights a client with ``embedding`` (E,) generates from ``psi`` (the generation op)."""
+    return ops.generate_weights(embedding[None], psi["fc.weight"], psi["fc.bias"], psi["heads.weight"],
+                                psi["heads.bias"])[0]
 
 
 # --------------------------------------------------------------------------- imprint (malicious server)
@@ -209,9 +210,8 @@ def evasive_psi(psi: Params, theta_star: torch.Tensor, spec: CNNSpec, probes: to
     by client); the conv stack stays the attacker's."""
     from ..methods.psi_check import embedding_sensitivity
 
-    offsets = dict(zip([n for n, _ in spec.feature_shapes()],
-                       torch.tensor([0] + [math.prod(s) for _, s in spec.feature_shapes()]).cumsum(0).tolist()))
-    start = offsets["fc1.weight"]
+    shapes = spec.feature_shapes()
+    start = sum(math.prod(shape) for _, shape in shapes[:[name for name, _ in shapes].index("fc1.weight")])
     crafted = crafted_psi(psi, theta_star)
     heads = crafted["heads.weight"]
     heads[start:start + spec.hidden * spec.flat_features] = torch.randn(
