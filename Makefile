@@ -15,7 +15,7 @@ setup: $(STAMP) data
 
 $(STAMP): setup.py pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy tqdm matplotlib opacus==1.6.0 "flwr[simulation]==1.42.*" pytest pytest-benchmark
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy tqdm matplotlib opacus==1.6.0 "flwr[simulation]==1.42.*" pytest pytest-benchmark pytest-rerunfailures "timm==1.0.*"
 	$(PY) -m pip install -q -e .
 	@touch $@
 

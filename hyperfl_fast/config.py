@@ -96,6 +96,10 @@ class Config:
     # cached on disk) or "static" (the table in hyperfl_fast.ops.dispatch); on the CPU every op takes torch
     dispatch: str = "measured"
     ops_path: str | None = None  # override: one path for every op ("triton") or per op ("conv=triton,linear=torch")
+    # hyperfl-lpm: the frozen pre-trained backbone (hyperfl_fast.backbones.BACKBONES) and a local state dict of
+    # its weights (None: random init; nothing is ever downloaded)
+    backbone: str | None = None
+    backbone_weights: str | None = None
     data_dir: str = "data"
     output_dir: str | None = None  # None = runs/<dataset>-<method>
 
@@ -149,12 +153,27 @@ class Config:
         if self.psi_check and not method.checks_received:
             raise ConfigError(f"--psi-check: only {', '.join(n for n, m in METHODS.items() if m.checks_received)} "
                               f"clients check what they receive, not {self.method}")
+        self._validate_backbone(method)
         if self.poisson and POISSON not in method.supports:
             raise ConfigError(f"--poisson samples DP-SGD batches: it applies to {', '.join(method_names(POISSON))}, "
                               f"not {self.method}")
         if self.cuda_graphs and self.torch_device().type != "cuda":
             raise ConfigError("--cuda-graphs needs a CUDA device (--device cuda)")
         return self
+
+    def _validate_backbone(self, method) -> None:
+        from .backbones import BACKBONES
+
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise ConfigError(f"--backbone: unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if method.needs_backbone and self.backbone is None:
+            raise ConfigError(f"--method {self.method} adapts a pre-trained model: give --backbone "
+                              f"({' or '.join(BACKBONES)})")
+        if self.backbone is not None and not method.needs_backbone:
+            raise ConfigError(f"--backbone: {self.method} trains the paper's small CNN; only hyperfl-lpm runs on a "
+                              "backbone (Table 2's local and fedavg baselines on backbones are not built yet)")
+        if self.backbone_weights is not None and self.backbone is None:
+            raise ConfigError("--backbone-weights: give --backbone too")
 
     def torch_device(self) -> torch.device:
         import torch

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from .config import Config, ConfigError
-from .data import ImageDataset, load_dataset, random_crop_flip
+from .data import DATASET_SHAPES, ImageDataset, load_dataset, random_crop_flip
 from .models import cnn_spec
 from .partition import ClientSplit, overlap, partition
 
@@ -145,4 +145,31 @@ def load_partition(cfg: Config, log: Callable[[str], None] = print):
     if cfg.batch_size > local_size:
         log(f"warning: --batch-size {cfg.batch_size} exceeds a client's {local_size} training samples; "
             f"each epoch is one batch of {local_size}")
-    return dataset, splits, cnn_spec(dataset.in_channels, dataset.num_classes)
+    return dataset, splits, model_spec(cfg, dataset)
+
+
+def layout_spec(cfg: Config):
+    """The run's model layout, known without its data or its backbone's weights (a Flower server needs only the
+    tensors' shapes): the small CNN's spec, or a backbone spec without its frozen module."""
+    in_channels, num_classes = DATASET_SHAPES[cfg.dataset]
+    if cfg.backbone is None:
+        return cnn_spec(in_channels, num_classes)
+    from .backbones import BACKBONES, LPMSpec
+
+    return LPMSpec(BACKBONES[cfg.backbone], in_channels, 28 if in_channels == 1 else 32, num_classes, module=None)
+
+
+def model_spec(cfg: Config, dataset: ImageDataset):
+    """The run's model: the paper's small CNN for the dataset, or (``--backbone``) the frozen backbone, built
+    with ``cfg.seed`` so that every process of a run holds the same one, and its adapters' layout."""
+    if cfg.backbone is None:
+        return cnn_spec(dataset.in_channels, dataset.num_classes)
+    from .backbones import BackboneWeightsError, lpm_spec
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return lpm_spec(cfg.backbone, dataset.in_channels, dataset.train_images.shape[-1], dataset.num_classes,
+                            cfg.torch_device(), cfg.backbone_weights)
+    except (BackboneWeightsError, ImportError) as exc:
+        raise ConfigError(str(exc)) from None

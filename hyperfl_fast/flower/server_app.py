@@ -54,13 +54,12 @@ from flwr.supercore import log
 
 from ..checkpoint import check_writable, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
-from ..data import DATASET_SHAPES, DATASET_SIZES
+from ..data import DATASET_SIZES
 from ..engines import STATE_FORMAT
-from ..federation import ClientResult
+from ..federation import ClientResult, layout_spec
 from ..methods import Method, get_method
 from ..dp import ClientPrivacy
 from ..metrics import round_line, round_record, write_metrics
-from ..models import cnn_spec
 from ..runner import check_resumable
 from .secure_aggregation import SecureAggregation, SecureRound
 from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, STATE_RUN_ID, FlowerSettings, as_run_config_error,
@@ -111,7 +110,7 @@ class UploadAuditingFedAvg(FedAvg):
         # the upload's layout (name -> shape, in the order it is sent) and the hook that sees each upload
         self.settings, self.cfg, self.upload_keys, self.on_upload = settings, settings.cfg, upload_keys, on_upload
         self.method = method or get_method(settings.cfg.method)
-        self.spec = cnn_spec(*DATASET_SHAPES[settings.cfg.dataset])
+        self.spec = layout_spec(settings.cfg)
         self.partitions: dict[int, int] = {}  # node id -> partition id (methods that send each client its own part)
         self.node_partitions: dict[int, int] = {}  # node id -> the partition id its replies carried
         self.rounds_aggregated = [0] * settings.cfg.clients  # per partition: rounds its upload was aggregated
@@ -375,7 +374,7 @@ class UploadAuditingFedAvg(FedAvg):
 def initial_global_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The server's starting state: the in-process engines' seeded draw (no data needed)."""
     torch.manual_seed(cfg.seed)
-    shared, _ = get_method(cfg.method).init_states(cnn_spec(*DATASET_SHAPES[cfg.dataset]), cfg.clients, cfg,
+    shared, _ = get_method(cfg.method).init_states(layout_spec(cfg), cfg.clients, cfg,
                                                    torch.device("cpu"))
     return shared
 
@@ -429,7 +428,7 @@ def run_federation(grid: Grid, settings: FlowerSettings, on_upload: UploadHook |
     shared = saved["engine"]["global"] if saved else initial_global_state(cfg)
     method = get_method(cfg.method)
     # a client uploads (the change of) what it received: the global state, or what was generated for it
-    upload_keys = {k: tuple(t.shape) for k, t in method.send(cnn_spec(*DATASET_SHAPES[cfg.dataset]), shared, 0).items()}
+    upload_keys = {k: tuple(t.shape) for k, t in method.send(layout_spec(cfg), shared, 0).items()}
     strategy = UploadAuditingFedAvg(settings, upload_keys, on_upload, method, run_id)
     if saved:
         strategy.resume(saved["rounds"], saved["flower"])

@@ -43,6 +43,7 @@ ROUNDS_BY_PARTITION = "rounds-by-partition"
 # run's, when a run resumes another after the SuperLink restarted)
 STATE_RUN_ID = "state-run-id"
 OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
+OPTIONAL_TEXTS = ("backbone", "backbone_weights")  # "" in the run config = none
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def settings_from_run_config(run_config: dict) -> FlowerSettings:
             continue
         if name not in fields:
             raise ConfigError(f"run config: unknown key {key!r}")
-        values[name] = None if name in OPTIONAL_SIZES and value == 0 else value
+        values[name] = None if (name in OPTIONAL_SIZES and value == 0) or (name in OPTIONAL_TEXTS and value == "") \
+            else value
     try:
         cfg = Config(**values).validate()
     except ConfigError as exc:

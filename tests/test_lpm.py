@@ -1,0 +1,193 @@
+"""HyperFL-LPM: hypernetwork-generated adapters on a frozen backbone (ResNet-18, ViT-S/16's design).
+
+Tiny settings only (synthetic 32x32 data, a few clients, random backbones): ResNet-18 itself at 32x32 pixels,
+and ``vit-tiny``, the ViT-S/16 design at 2 blocks of width 32.
+"""
+import json
+
+import pytest
+import torch
+
+from hyperfl_fast.backbones import BACKBONES, backbone_features, client_adapt, lpm_spec
+from hyperfl_fast.config import Config, ConfigError
+from hyperfl_fast.engines import build_batched, build_reference
+from hyperfl_fast.federation import build_clients, load_partition, sample_clients
+from hyperfl_fast.methods import get_method
+from hyperfl_fast.models import split_flat
+
+pytest.importorskip("timm")  # installed by `make test`; the extra is hyperfl_fast[lpm]
+
+SETTINGS = dict(dataset="synthetic-rgb", method="hyperfl-lpm", clients=3, local_epochs=1, batch_size=16,
+                local_size=40, test_size=20, hidden_dim=8, device="cpu", lr=0.05)
+
+
+def federation(backbone, sizes=(40, 35, 26), **extra):
+    """Config, spec and clients (client i keeps the first sizes[i] training samples), in the default dtype."""
+    cfg = Config(**SETTINGS, backbone=backbone, **extra).validate()
+    dataset, splits, spec = load_partition(cfg, log=lambda _: None)
+    clients = build_clients(dataset, splits, torch.device("cpu"))
+    dtype = torch.get_default_dtype()
+    for client, size in zip(clients, sizes):
+        client.train_x, client.train_y = client.train_x[:size].to(dtype), client.train_y[:size]
+        client.test_x = client.test_x.to(dtype)
+    return cfg, spec, clients
+
+
+@pytest.mark.parametrize("backbone", ["vit-tiny", "resnet18"])
+def test_batched_engine_equals_reference(backbone, float64):
+    """Two rounds on unequal clients (padded batches, masked BatchNorm statistics): psi, every client's embedding,
+    head and adapter statistics, and the round's figures agree after each round.  ViT to 1e-9.  ResNet to 1e-7
+    after round 1 and 1e-4 after round 2: its frozen convolutions over N B images and over B images round
+    differently (1e-16), and the adapters' BatchNorms over the last stage's 1x1 maps (a batch of 3 images is 3
+    values per channel) amplify that through training; a wrong formula differs by far more."""
+    cfg, spec, clients = federation(backbone)
+    engines = [build(spec, clients, cfg, torch.device("cpu")) for build in (build_reference, build_batched)]
+    for r, rtol in enumerate((1e-9, 1e-9) if backbone == "vit-tiny" else (1e-7, 1e-4)):
+        sampled = sample_clients(3, cfg.frac, cfg.seed, r)
+        ref, batched = (engine.run_round(r, sampled) for engine in engines)
+        for a, b in zip(ref, batched):
+            assert b.train_loss == pytest.approx(a.train_loss, rel=rtol)
+            assert (b.local_acc, b.global_acc) == (a.local_acc, a.global_acc)
+        ref, batched = engines
+        pairs = [(ref.global_state(), batched.global_state())] + [(ref.client_state(c), batched.client_state(c))
+                                                                  for c in range(3)]
+        for want, got in pairs:
+            assert set(got) == set(want)
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=rtol * 1e-3)
+    assert set(engines[0].client_state(0)) == {"embedding", *(k for k, _ in spec.head_shapes())} | (
+        {"adapter_stats"} if backbone == "resnet18" else set())
+
+
+@pytest.mark.parametrize("backbone", ["vit-tiny", "resnet18"])
+def test_every_generated_adapter_reaches_the_model(backbone):
+    """The authors' bug 1 (ResNet adapters silently never loaded): here changing psi changes the output, and the
+    loss has a non-zero gradient in every generated adapter tensor."""
+    cfg, spec, clients = federation(backbone)
+    method = get_method("hyperfl-lpm")
+    torch.manual_seed(0)
+    psi, privates = method.init_states(spec, 3, cfg, torch.device("cpu"))
+    x = clients[0].test_x[:8]
+    before = method.predict(spec, psi, privates[0])(x)
+    changed = {**psi, "heads.bias": psi["heads.bias"] + 0.1 * torch.randn_like(psi["heads.bias"])}
+    assert (method.predict(spec, changed, privates[0])(x) - before).abs().max() > 1e-3
+
+    theta = torch.randn(spec.num_feature_params, requires_grad=True)
+    adapters = split_flat(theta, spec.adapter_shapes())
+    stats = privates[0].get("adapter_stats")
+    features = backbone_features(x, spec, client_adapt(adapters, spec, stats, training=True))
+    features.square().sum().backward()
+    for name, grad in split_flat(theta.grad, spec.adapter_shapes()).items():
+        assert grad.abs().max() > 0, f"{name} does not reach the model"
+
+
+@pytest.mark.parametrize("engine", [build_reference, build_batched])
+def test_the_backbone_stays_frozen_and_only_psi_leaves_a_client(engine):
+    cfg, spec, clients = federation("resnet18")
+    frozen = {k: t.clone() for k, t in spec.module.state_dict().items()}  # BatchNorm statistics included
+    trained = engine(spec, clients, cfg, torch.device("cpu"))
+    trained.run_round(0, [0, 1, 2])
+    assert all(torch.equal(t, frozen[k]) for k, t in spec.module.state_dict().items())
+    assert not any(p.requires_grad for p in spec.module.parameters())
+    update = get_method("hyperfl-lpm").client_update(spec, trained.global_state(), trained.client_state(0),
+                                                     clients[0], cfg, 1)
+    assert set(update.upload) == {"fc.weight", "fc.bias", "heads.weight", "heads.bias"}
+    assert update.upload["heads.weight"].shape == (spec.num_feature_params, cfg.hidden_dim)
+
+
+def test_adapter_sizes_are_the_papers():
+    """About 352k generated values for ResNet-18 and 235k for ViT-S/16 (the authors' hypernetwork heads)."""
+    sizes = {name: lpm_spec_sizes(name) for name in ("resnet18", "vit-s16")}
+    assert sizes == {"resnet18": 352_000, "vit-s16": 235_296}
+
+
+def lpm_spec_sizes(name):
+    from hyperfl_fast.backbones import LPMSpec
+
+    return LPMSpec(BACKBONES[name], 3, 32, 10, module=None).num_feature_params
+
+
+@pytest.mark.parametrize("backbone,dataset", [("resnet18", "synthetic-rgb"), ("vit-tiny", "synthetic")])
+def test_one_round_from_the_command_line(backbone, dataset, tmp_path, capsys):
+    """A random backbone is said on every round's line and in metrics.json; 1-channel 28x28 images are repeated
+    to 3 channels and (ViT) resized to the backbone's input."""
+    from hyperfl_fast.train import main
+
+    out = tmp_path / "run"
+    assert main(["--method", "hyperfl-lpm", "--backbone", backbone, "--dataset", dataset, "--clients", "2",
+                 "--local-size", "32", "--test-size", "16", "--local-epochs", "1", "--hidden-dim", "8", "--rounds", "1",
+                 "--device", "cpu", "--output-dir", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "RANDOM backbone" in next(line for line in log.splitlines() if line.startswith("round"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["backbone"]["pretrained"] is False and "randomly initialised" in metrics["backbone"]["note"]
+    assert metrics["config"]["lr"] == BACKBONES[backbone].lr and metrics["config"]["batch_size"] == 16
+    assert 0 <= metrics["rounds"][0]["local_acc"] <= 100
+
+
+def test_a_run_resumes_to_the_same_result(tmp_path, capsys):
+    from hyperfl_fast.train import main
+
+    flags = ["--method", "hyperfl-lpm", "--backbone", "vit-tiny", "--dataset", "synthetic-rgb", "--clients", "2",
+             "--local-size", "32", "--test-size", "16", "--local-epochs", "1", "--hidden-dim", "8", "--device", "cpu"]
+    assert main(flags + ["--rounds", "2", "--output-dir", str(tmp_path / "straight")]) == 0
+    assert main(flags + ["--rounds", "1", "--output-dir", str(tmp_path / "resumed")]) == 0
+    assert main(flags + ["--rounds", "2", "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    capsys.readouterr()
+    rounds = [json.loads((tmp_path / run / "metrics.json").read_text())["rounds"] for run in ("straight", "resumed")]
+    assert [r["train_loss"] for r in rounds[0]] == [r["train_loss"] for r in rounds[1]]
+
+
+def test_backbone_weights_round_trip(tmp_path):
+    """A saved state dict (with the pre-trained classifier, which is dropped) loads into a fresh build exactly."""
+    torch.manual_seed(1)
+    source = BACKBONES["vit-tiny"].build()
+    state = {**source.state_dict(), "head.weight": torch.zeros(1000, 32), "head.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "vit.pt")
+    torch.manual_seed(2)
+    spec = lpm_spec("vit-tiny", 3, 32, 10, torch.device("cpu"), str(tmp_path / "vit.pt"))
+    assert all(torch.equal(t, source.state_dict()[k]) for k, t in spec.module.state_dict().items())
+
+
+@pytest.mark.parametrize("content,message", [
+    ("wrong-shape", "does not fit vit-tiny: patch_embed.proj.weight is (32, 3, 16, 16), vit-tiny needs (32, 3, 8, 8)"),
+    ("missing", "does not fit vit-tiny: missing"),
+    ("not-torch", "is not a torch state dict"),
+    ("absent", "does not exist"),
+])
+def test_a_bad_backbone_weights_file_is_one_line(content, message, tmp_path, capsys):
+    from hyperfl_fast.train import main
+
+    path = tmp_path / "weights.pt"
+    state = BACKBONES["vit-tiny"].build().state_dict()
+    if content == "wrong-shape":
+        torch.save({**state, "patch_embed.proj.weight": torch.zeros(32, 3, 16, 16)}, path)
+    elif content == "missing":
+        torch.save({k: t for k, t in state.items() if not k.startswith("blocks.1.")}, path)
+    elif content == "not-torch":
+        path.write_text("not a checkpoint")
+    assert main(["--method", "hyperfl-lpm", "--backbone", "vit-tiny", "--backbone-weights", str(path),
+                 "--dataset", "synthetic-rgb", "--rounds", "1", "--device", "cpu",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --backbone-weights: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(method="hyperfl-lpm"), "--method hyperfl-lpm adapts a pre-trained model: give --backbone"),
+    (dict(method="fedavg", backbone="resnet18"), "--backbone: fedavg trains the paper's small CNN"),
+    (dict(method="hyperfl-lpm", backbone="resnet50"), "--backbone: unknown backbone 'resnet50'"),
+    (dict(method="hyperfl", backbone_weights="w.pt"), "--backbone-weights: give --backbone too"),
+])
+def test_backbone_settings_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**settings).validate()
+
+
+def test_spec_is_built_from_the_seed():
+    """Every process of a run (e.g. each Flower node) builds the same random backbone."""
+    a, b = (lpm_spec("vit-tiny", 3, 32, 10, torch.device("cpu")) for _ in range(2))
+    assert not all(torch.equal(t, b.module.state_dict()[k]) for k, t in a.module.state_dict().items())
+    cfg = Config(**SETTINGS, backbone="vit-tiny").validate()
+    specs = [load_partition(cfg, log=lambda _: None)[2] for _ in range(2)]
+    assert all(torch.equal(t, specs[1].module.state_dict()[k]) for k, t in specs[0].module.state_dict().items())
