@@ -100,7 +100,9 @@ def build_clients(dataset: ImageDataset, splits: list[ClientSplit], device: torc
 @torch.no_grad()
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              chunk: int = 1000) -> float:
-    """Percentage of ``x`` that ``predict`` (images -> logits) classifies as ``y``."""
+    """Percentage of ``x`` that ``predict`` (images -> logits) classifies as ``y`` (a module is put in eval mode)."""
+    if isinstance(predict, torch.nn.Module):
+        predict.eval()
     correct = sum((predict(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum().item()
                   for i in range(0, len(y), chunk))
     return 100.0 * correct / len(y)
@@ -156,7 +158,8 @@ def layout_spec(cfg: Config):
         return cnn_spec(in_channels, num_classes)
     from .backbones import BACKBONES, LPMSpec
 
-    return LPMSpec(BACKBONES[cfg.backbone], in_channels, 28 if in_channels == 1 else 32, num_classes, module=None)
+    return LPMSpec(BACKBONES[cfg.backbone], in_channels, 28 if in_channels == 1 else 32, num_classes, module=None,
+                   adapters=cfg.with_adapters)
 
 
 def model_spec(cfg: Config, dataset: ImageDataset):
@@ -170,6 +173,6 @@ def model_spec(cfg: Config, dataset: ImageDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return lpm_spec(cfg.backbone, dataset.in_channels, dataset.train_images.shape[-1], dataset.num_classes,
-                            cfg.torch_device(), cfg.backbone_weights)
+                            cfg.torch_device(), cfg.backbone_weights, cfg.with_adapters)
     except (BackboneWeightsError, ImportError) as exc:
         raise ConfigError(str(exc)) from None

@@ -65,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "--client-init independent: from the shared start most honest clients' hidden units die in "
                         "round 1 and they would refuse")
     p.add_argument("--backbone", default=None,
-                   help=f"hyperfl-lpm: the frozen backbone, one of {', '.join(BACKBONES)} (vit-tiny: a 2-block ViT at "
+                   help=f"hyperfl-lpm, local, fedavg: the frozen backbone, one of {', '.join(BACKBONES)} (vit-tiny: a 2-block ViT at "
                         "32x32 for smoke runs)")
     p.add_argument("--backbone-weights", default=None,
                    help="a local state dict of the backbone's pre-trained weights (torchvision resnet18 / timm "
                         "vit_small_patch16_384 keys; see the README); without it the backbone is random and every "
                         "log line says so. Nothing is downloaded")
+    p.add_argument("--adapters", default=None,
+                   help="local and fedavg with --backbone: off (default; the head on the fixed backbone, Table 2's "
+                        "dagger columns) or on (adapters too, its double dagger)")
     p.add_argument("--iid", action="store_true", help="IID partition instead of the paper's non-IID one")
     p.add_argument("--iid-share", type=float, default=d.iid_share,
                    help="non-IID share s: fraction of each client's data spread over all classes")

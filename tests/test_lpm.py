@@ -23,7 +23,7 @@ SETTINGS = dict(dataset="synthetic-rgb", method="hyperfl-lpm", clients=3, local_
 
 def federation(backbone, sizes=(40, 35, 26), **extra):
     """Config, spec and clients (client i keeps the first sizes[i] training samples), in the default dtype."""
-    cfg = Config(**SETTINGS, backbone=backbone, **extra).validate()
+    cfg = Config(**{**SETTINGS, "backbone": backbone, **extra}).validate()
     dataset, splits, spec = load_partition(cfg, log=lambda _: None)
     clients = build_clients(dataset, splits, torch.device("cpu"))
     dtype = torch.get_default_dtype()
@@ -57,6 +57,31 @@ def test_batched_engine_equals_reference(backbone, float64):
                 torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=rtol * 1e-3)
     assert set(engines[0].client_state(0)) == {"embedding", *(k for k, _ in spec.head_shapes())} | (
         {"adapter_stats"} if backbone == "resnet18" else set())
+
+
+@pytest.mark.parametrize("method,backbone,adapters", [("fedavg", "vit-tiny", "off"), ("local", "vit-tiny", "on"),
+                                                     ("fedavg", "resnet18", "on"), ("local", "resnet18", "off")])
+def test_table_2_baselines_agree_between_engines(method, backbone, adapters, float64):
+    """Local and FedAvg on a backbone, with a fixed feature extractor (adapters off, the paper's dagger) or trained
+    adapters (on, double dagger): two rounds on unequal clients give the same states and figures on both engines;
+    the adapters' BatchNorm statistics travel with the model (FedAvg averages them, as the authors' state_dict)."""
+    cfg, spec, clients = federation(backbone, method=method, adapters=adapters)
+    engines = [build(spec, clients, cfg, torch.device("cpu")) for build in (build_reference, build_batched)]
+    for r in range(2):
+        ref, batched = (engine.run_round(r, [0, 1, 2]) for engine in engines)
+        for a, b in zip(ref, batched):
+            assert b.train_loss == pytest.approx(a.train_loss, rel=1e-9)
+            assert (b.local_acc, b.global_acc) == (a.local_acc, a.global_acc)
+    ref, batched = engines
+    states = [(ref.global_state(), batched.global_state())] + [(ref.client_state(c), batched.client_state(c))
+                                                               for c in range(3)]
+    model = ref.global_state() or ref.client_state(0)
+    assert any(k.startswith("adapter") for k in model) == (adapters == "on")
+    assert ("adapter_stats" in model) == (adapters == "on" and backbone == "resnet18")
+    for want, got in states:
+        assert set(got) == set(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("backbone", ["vit-tiny", "resnet18"])
@@ -107,14 +132,16 @@ def lpm_spec_sizes(name):
     return LPMSpec(BACKBONES[name], 3, 32, 10, module=None).num_feature_params
 
 
-@pytest.mark.parametrize("backbone,dataset", [("resnet18", "synthetic-rgb"), ("vit-tiny", "synthetic")])
-def test_one_round_from_the_command_line(backbone, dataset, tmp_path, capsys):
+@pytest.mark.parametrize("method,backbone,dataset", [("hyperfl-lpm", "resnet18", "synthetic-rgb"),
+                                                    ("hyperfl-lpm", "vit-tiny", "synthetic"),
+                                                    ("fedavg", "vit-tiny", "synthetic-rgb")])
+def test_one_round_from_the_command_line(method, backbone, dataset, tmp_path, capsys):
     """A random backbone is said on every round's line and in metrics.json; 1-channel 28x28 images are repeated
     to 3 channels and (ViT) resized to the backbone's input."""
     from hyperfl_fast.train import main
 
     out = tmp_path / "run"
-    assert main(["--method", "hyperfl-lpm", "--backbone", backbone, "--dataset", dataset, "--clients", "2",
+    assert main(["--method", method, "--backbone", backbone, "--dataset", dataset, "--clients", "2",
                  "--local-size", "32", "--test-size", "16", "--local-epochs", "1", "--hidden-dim", "8", "--rounds", "1",
                  "--device", "cpu", "--output-dir", str(out)]) == 0
     log = capsys.readouterr().out
@@ -175,7 +202,11 @@ def test_a_bad_backbone_weights_file_is_one_line(content, message, tmp_path, cap
 
 @pytest.mark.parametrize("settings,message", [
     (dict(method="hyperfl-lpm"), "--method hyperfl-lpm adapts a pre-trained model: give --backbone"),
-    (dict(method="fedavg", backbone="resnet18"), "--backbone: fedavg trains the paper's small CNN"),
+    (dict(method="dp-fedavg", backbone="resnet18"), "--backbone: dp-fedavg trains the paper's small CNN; local, "
+                                                   "fedavg, hyperfl-lpm run on a backbone"),
+    (dict(method="hyperfl-lpm", backbone="resnet18", adapters="off"), "--adapters off: hyperfl-lpm is generated"),
+    (dict(method="local", backbone="resnet18", adapters="yes"), "--adapters must be on or off"),
+    (dict(method="local", adapters="on"), "--adapters: give --backbone too"),
     (dict(method="hyperfl-lpm", backbone="resnet50"), "--backbone: unknown backbone 'resnet50'"),
     (dict(method="hyperfl", backbone_weights="w.pt"), "--backbone-weights: give --backbone too"),
 ])

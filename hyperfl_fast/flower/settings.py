@@ -43,7 +43,7 @@ ROUNDS_BY_PARTITION = "rounds-by-partition"
 # run's, when a run resumes another after the SuperLink restarted)
 STATE_RUN_ID = "state-run-id"
 OPTIONAL_SIZES = ("local_size", "test_size")  # 0 in the run config = the dataset's default
-OPTIONAL_TEXTS = ("backbone", "backbone_weights")  # "" in the run config = none
+OPTIONAL_TEXTS = ("backbone", "backbone_weights", "adapters")  # "" in the run config = none
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ class Method(ABC):
     paper: ClassVar[dict[str, dict[int, float]]] = {}
     paper_seconds_per_round: ClassVar[float | None] = None  # Table 4: EMNIST, 20 clients, the authors' GPU
     lockstep: ClassVar[type]  # its engine that trains every sampled client at once (an Engine)
-    needs_backbone: ClassVar[bool] = False  # runs on a frozen pre-trained backbone (--backbone; HyperFL-LPM)
+    needs_backbone: ClassVar[bool] = False  # runs only on a frozen pre-trained backbone (--backbone; HyperFL-LPM)
+    runs_on_backbones: ClassVar[bool] = False  # may run on one (--backbone), else on the paper's small CNN
     # the client's SGD settings where they are the method's own, not --lr/--momentum/--weight-decay (pFedHN):
     # lr, momentum, weight_decay and clip (gradient norm), as the attack CLI's simulation of its training takes them
     client_optimizer: ClassVar[dict[str, float]] = {}

@@ -22,6 +22,7 @@ class DPFedAvg(FedAvg):
     supports = frozenset({POISSON, ATTACK})
     threat = "dp-full-model"
     step_flags = ("lr", "dp_clip")
+    runs_on_backbones = False  # its per-example gradients are the small CNN's
     dp_guarantee = "record-level: every DP-SGD step of the whole CNN, which is all that leaves a client"
     paper = {  # Table 1
         "emnist": {20: 35.12, 100: 45.73},

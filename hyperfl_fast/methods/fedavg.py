@@ -7,9 +7,8 @@ weighted by data size.  Clients keep nothing between rounds.
 from __future__ import annotations
 
 from ..federation import accuracy
-from ..models import init_target_cnns
 from .base import ATTACK, ClientUpdate, Method, detached, register
-from .full_model import CNNLockstep, cnn_from, train_full_model
+from .full_model import CNNLockstep, cnn_from, init_models, train_full_model
 
 
 @register
@@ -29,10 +28,11 @@ class FedAvg(Method):
     }
     paper_seconds_per_round = 23
     lockstep = CNNLockstep
+    runs_on_backbones = True  # Table 2's FedAvg columns (--backbone, --adapters off|on)
 
     def init_states(self, spec, num_clients, cfg, device):
-        (model,) = init_target_cnns(spec, 1, device)
-        return detached(model), [{} for _ in range(num_clients)]
+        (model,) = init_models(spec, 1, device)
+        return model, [{} for _ in range(num_clients)]
 
     def train(self, model, data, cfg, round_idx, noise):
         """Local training of the received CNN; returns the mean loss of the last epoch."""

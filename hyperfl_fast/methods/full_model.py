@@ -4,6 +4,10 @@ Per client: :func:`cnn_from` (a client's CNN from a state) and
 :func:`train_full_model` (``local_epochs`` epochs of SGD on the whole CNN).
 In lockstep: :class:`CNNLockstep` (a global CNN) and :class:`LocalLockstep` (private ones), all sampled
 clients' CNNs as stacked tensors.
+
+With ``--backbone`` (``local`` and ``fedavg``, the paper's Table 2 baselines) the model is instead a frozen
+backbone's head and, with ``--adapters on``, its adapters (:class:`hyperfl_fast.backbones.BackboneModel`); the
+adapters' BatchNorm statistics (``adapter_stats``) are part of the model's state but not trained by SGD.
 """
 from __future__ import annotations
 
@@ -14,19 +18,44 @@ import torch
 from ..config import Config
 from ..engines import Engine
 from ..federation import ClientData, ClientResult
-from ..lockstep.data import RoundSchedule, StackedData, weighted_mean
+from ..backbones import STATS, BackboneModel, LPMSpec, batched_logits, init_backbone_model
+from ..lockstep.data import Batch, RoundSchedule, StackedData, weighted_mean
 from ..lockstep.dp_step import private_step_grads
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
-from ..models import CNNSpec, TargetCNN
-from .base import Method, State, load_module, mean_loss_of_epoch, sgd
+from ..models import CNNSpec, TargetCNN, init_target_cnns
+from .base import Method, State, detached, load_module, mean_loss_of_epoch, sgd
 
 
-def cnn_from(spec: CNNSpec, state: State, copy: bool = True) -> TargetCNN:
-    """A target CNN holding its own copies of ``state``'s tensors (``copy=False``: the tensors themselves)."""
+def cnn_from(spec: CNNSpec | LPMSpec, state: State, copy: bool = True) -> TargetCNN | BackboneModel:
+    """A target CNN (or backbone model) holding its own copies of ``state``'s tensors (``copy=False``: the tensors
+    themselves)."""
+    if isinstance(spec, LPMSpec):
+        return BackboneModel(spec, {k: t.detach().clone() if copy else t.detach() for k, t in state.items()})
     with torch.device("meta"):
         model = TargetCNN(spec)
     return load_module(model, state, copy)
+
+
+def init_models(spec: CNNSpec | LPMSpec, count: int, device: torch.device, shared: bool = True) -> list[State]:
+    """``count`` models' states: copies of one draw (``shared``, as the authors' code) or independent draws."""
+    if not isinstance(spec, LPMSpec):
+        return [detached(m) for m in init_target_cnns(spec, count, device, shared)]
+    draws = [{k: t.to(device) for k, t in init_backbone_model(spec).items()} for _ in range(1 if shared else count)]
+    return [{k: t.clone() for k, t in draws[0 if shared else c].items()} for c in range(count)]
+
+
+def model_logits(x: torch.Tensor, params: State, spec: CNNSpec | LPMSpec, training: bool = False,
+                 batch: Batch | None = None) -> torch.Tensor:
+    """Every client's model (its tensors stacked (N, ...) in ``params``): (N, B, C, H, W) -> (N, B, K).  A backbone
+    model in ``training`` updates its adapters' statistics in place (``params['adapter_stats']``, for the
+    ``batch``'s valid rows and active clients)."""
+    if not isinstance(spec, LPMSpec):
+        return cnn_logits(x, params, spec)
+    adapters = {name: params[name] for name, _ in spec.adapter_shapes()}
+    head = {name: params[name] for name, _ in spec.head_shapes()}
+    return batched_logits(x, adapters, head, spec, params.get(STATS), training,
+                          None if batch is None else batch.valid, None if batch is None else batch.active)
 
 
 def train_full_model(model: TargetCNN, data: ClientData, cfg: Config, round_idx: int) -> float:
@@ -82,7 +111,8 @@ class CNNLockstep(Engine):
         cfg, n = self.cfg, len(sampled)
         idx = torch.tensor(sampled, device=self.data.train_y.device)
         params = self.received(idx)
-        sgd = StackedSGD(list(params.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
+        trained = [k for k in params if k != STATS]  # (a backbone model's adapter statistics are no parameters)
+        sgd = StackedSGD([params[k] for k in trained], cfg.lr, cfg.momentum, cfg.weight_decay)
         poisson = range(cfg.local_epochs) if self.privacy is not None and cfg.poisson else ()
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs),
                                  poisson)
@@ -96,16 +126,17 @@ class CNNLockstep(Engine):
                                                self.privacy, sampled, round_idx, epoch, step)
                     sgd.step(grads, batch.active)
                 else:
-                    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
-                    losses = client_losses(cnn_logits(batch.x, leaves, self.spec), batch)
+                    leaves = {k: params[k].clone().requires_grad_() for k in trained}
+                    losses = client_losses(model_logits(batch.x, {**params, **leaves}, self.spec, True, batch), batch)
                     sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
                 loss_sum += losses.detach() * batch.nonempty
                 loss_count += batch.nonempty
         train_loss = loss_sum / loss_count.clamp(min=1)  # (0 if every batch of the epoch was empty)
-        local_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, params, self.spec))
+        chunk = self.spec.backbone.eval_chunk if isinstance(self.spec, LPMSpec) else 200
+        local_acc = batched_accuracy(self.data, sampled, lambda x: model_logits(x, params, self.spec), chunk)
         global_params = self.aggregate(idx, params)
         global_acc = local_acc if global_params is None else \
-            batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, global_params, self.spec))
+            batched_accuracy(self.data, sampled, lambda x: model_logits(x, global_params, self.spec), chunk)
         epsilons = self.privacy.record_round(sampled) if self.privacy is not None else None
         return client_results(sampled, train_loss, local_acc, global_acc, epsilons=epsilons)
 

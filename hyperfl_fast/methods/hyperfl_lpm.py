@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..backbones import (LPMSpec, backbone_features, batched_adapt, batched_head_logits, client_adapt,
-                         head_logits)
+from ..backbones import STATS, LPMSpec, backbone_features, batched_logits, client_adapt, head_logits, init_backbone_model
 from ..engines import Engine
 from ..federation import accuracy
 from ..lockstep.data import RoundSchedule, StackedData
@@ -35,8 +34,6 @@ from ..lockstep.optim import StackedSGD
 from ..models import HyperNetwork, split_flat
 from .base import ClientUpdate, Method, State, detached, register, sgd
 from .hyperfl import hypernet_from
-
-STATS = "adapter_stats"  # (2, S): the ResNet adapters' BatchNorm running means and variances
 
 
 class LPMClient(nn.Module):
@@ -115,11 +112,8 @@ class HyperFLLPMLockstep(Engine):
     def logits(self, x: torch.Tensor, theta: torch.Tensor, head: State, stats: torch.Tensor | None,
                training: bool, batch=None) -> torch.Tensor:
         """Every client's logits: x (N, B, C, H, W), theta (N, P) -> (N, B, classes)."""
-        n = x.shape[0]
-        adapt = batched_adapt(split_flat(theta, self.spec.adapter_shapes()), self.spec, n, stats, training,
+        return batched_logits(x, split_flat(theta, self.spec.adapter_shapes()), head, self.spec, stats, training,
                               None if batch is None else batch.valid, None if batch is None else batch.active)
-        features = backbone_features(x.flatten(0, 1), self.spec, adapt).unflatten(0, (n, -1))
-        return batched_head_logits(features, head)
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list:
@@ -204,25 +198,18 @@ class HyperFLLPM(Method):
     headline = "local_acc"
     uploads = "the hypernetwork"
     keeps = "its embedding, head and adapter statistics"
-    needs_backbone = True
+    needs_backbone = runs_on_backbones = True
     step_flags = ("lr", "classifier_lr", "grad_clip")
     lockstep = HyperFLLPMLockstep
 
     def init_states(self, spec: LPMSpec, num_clients, cfg, device):
-        """psi, then per client (one draw for all with the shared start, as the authors' deep copies): the
-        embedding (N(0, 1), as ``nn.Embedding``), the head (PyTorch's default init), fresh adapter statistics."""
+        """psi, then per client (one draw for all with the shared start, as the authors' deep copies): the head
+        (PyTorch's default init), fresh adapter statistics and the embedding (N(0, 1), as ``nn.Embedding``)."""
         hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params).to(device)
-        draws = []
-        for _ in range(1 if cfg.client_init == "shared" else num_clients):
-            state = {"embedding": torch.randn(cfg.embed_dim).to(device)}
-            d = spec.backbone.feature_dim
-            if spec.backbone.head_hidden:
-                state |= detached(nn.Linear(d, spec.backbone.head_hidden).to(device), "head.hidden.")
-                d = spec.backbone.head_hidden
-            state |= detached(nn.Linear(d, spec.num_classes).to(device), "head.out.")
-            if spec.num_stats:
-                state[STATS] = torch.stack([torch.zeros(spec.num_stats), torch.ones(spec.num_stats)]).to(device)
-            draws.append(state)
+        generated = {name for name, _ in spec.adapter_shapes()}
+        draws = [{**{k: t.to(device) for k, t in init_backbone_model(spec).items() if k not in generated},
+                  "embedding": torch.randn(cfg.embed_dim).to(device)}
+                 for _ in range(1 if cfg.client_init == "shared" else num_clients)]
         privates = [{k: t.clone() for k, t in draws[0 if len(draws) == 1 else c].items()} for c in range(num_clients)]
         return detached(hypernet), privates
 

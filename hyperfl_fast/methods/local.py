@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from ..federation import accuracy
-from ..models import init_target_cnns
 from .base import ClientUpdate, Method, detached, register
-from .full_model import LocalLockstep, cnn_from, train_full_model
+from .full_model import LocalLockstep, cnn_from, init_models, train_full_model
 
 
 @register
@@ -21,10 +20,10 @@ class Local(Method):
         "cinic10": {20: 63.60, 100: 64.84},
     }
     lockstep = LocalLockstep
+    runs_on_backbones = True  # Table 2's Local columns (--backbone, --adapters off|on)
 
     def init_states(self, spec, num_clients, cfg, device):
-        models = init_target_cnns(spec, num_clients, device, shared=cfg.client_init == "shared")
-        return {}, [detached(m) for m in models]
+        return {}, init_models(spec, num_clients, device, shared=cfg.client_init == "shared")
 
     def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = cnn_from(spec, private)
