@@ -76,7 +76,7 @@ def flops_per_image(spec, device) -> tuple[float, float]:
         features = backbone_features(x, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec, stats,
                                                            True))
         torch.autograd.grad(features.sum(), theta)
-    return forward.get_total_flops(), step.get_total_flops()
+    return forward.get_total_flops() / len(x), step.get_total_flops() / len(x)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backbones import BACKBONES, lpm_spec
 from .checkpoint import check_writable, load_checkpoint, write_json
 from .config import Config
 from .data import DATASETS, DatasetError, load_dataset
@@ -35,7 +36,7 @@ from .dp import dp_steps, noise_multiplier, sample_rate
 from .privacy.analytic import (RealRound, crafted_psi, evasive_psi, imprint_scenario, imprint_theta,
                                joint_scenario)
 from .privacy.metrics import best_matches
-from .privacy.threats import HyperFLClient, cnn_scenario, fedavg_scenario, hyperfl_scenario
+from .privacy.threats import HyperFLClient, cnn_scenario, fedavg_scenario, hyperfl_scenario, lpm_scenario
 from .engines import check_format
 from .methods import ATTACK, get_method, method_names, psi_check
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifier epoch then 5 hypernetwork epochs of batches of 50 over its local-size images "
                         "(600 on fmnist)")
     p.add_argument("--local-steps", type=int, default=5, help="local SGD steps in the 'round' setting")
+    p.add_argument("--backbone", default="resnet18", choices=list(BACKBONES),
+                   help="hyperfl-lpm: the frozen backbone of the attacked client (the server knows it)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="hyperfl-lpm: a local state dict of the backbone's weights (default: random, from --seed)")
     p.add_argument("--dataset", default="fmnist", choices=list(DATASETS), help="where the private images come from")
     p.add_argument("--data-dir", default="data", help="dataset folder (as for hyperfl_fast.train)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -207,6 +212,13 @@ def check_args(args) -> None:
         if given and not hyperfl_attacks:
             raise ValueError(f"{flag} applies to --attack {', '.join(HYPERFL_ONLY)}, not to "
                              f"{' '.join(args.attack)}")
+    if "hyperfl-lpm" in args.method:
+        if args.checkpoint:
+            raise ValueError("--checkpoint: attacking a trained hyperfl-lpm run is not supported yet; drop "
+                             "--checkpoint to attack the models at initialisation")
+        if args.backbone == "resnet18" and args.batch_size < 2:
+            raise ValueError("--batch-size: hyperfl-lpm on resnet18 needs at least 2 images (its last adapter's "
+                             "BatchNorm sees a 1x1 map per image, and one value per channel has no batch statistics)")
     if max(args.clients_summed) > 1 and args.checkpoint:
         raise ValueError("--clients-summed above 1 draws the other clients afresh; it does not combine with "
                          "--checkpoint")
@@ -335,6 +347,8 @@ def method_scenarios(method, args, spec, fedavg_model, hypernet, embedding, clas
     """(variant, scenario) for IG / DLG on ``method``'s upload, by the threat model it declares."""
     threat = get_method(method).threat
     own = get_method(method).client_optimizer  # pFedHN's client SGD, where it is not the paper's
+    if threat == "lpm-hypernetwork":
+        return [("c", hyperfl_lpm_scenario(args, spec.num_classes, x, y, steps))]
     if threat == "full-model":
         return [("", fedavg_scenario(fedavg_model, x, y, LocalTraining(steps, **own), method))]
     if threat == "hypernetwork":
@@ -345,6 +359,20 @@ def method_scenarios(method, args, spec, fedavg_model, hypernet, embedding, clas
     training = LocalTraining(steps, dp_clip=args.dp_clip, dp_sigma=sigma) if get_method(method).dp \
         else LocalTraining(steps, **own)
     return [("", cnn_scenario(method, fedavg_model, x, y, training, args.seed))]
+
+
+def hyperfl_lpm_scenario(args, num_classes: int, x: torch.Tensor, y: torch.Tensor, steps: int):
+    """HyperFL-LPM's structure-aware attack (:func:`lpm_scenario`) on a client of a run at initialisation: the
+    backbone (random from ``--seed`` or ``--backbone-weights``), psi and the client's embedding and head drawn as
+    ``hyperfl_fast.train`` draws them; the client trains with the authors' lr for the backbone."""
+    cfg = Config(method="hyperfl-lpm", dataset=args.dataset, backbone=args.backbone, seed=args.seed, clients=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        spec = lpm_spec(args.backbone, x.shape[1], x.shape[-1], num_classes, x.device, args.backbone_weights)
+    torch.manual_seed(args.seed)
+    psi, privates = get_method("hyperfl-lpm").init_states(spec, 1, cfg, x.device)
+    training = LocalTraining(steps, lr=BACKBONES[args.backbone].lr, clip=PAPER.grad_clip)
+    return lpm_scenario(spec, psi, privates[0], x, y, training)
 
 
 def hyperfl_attack(attack, spec, psi, clients, training, dataset, bounds, args, device):

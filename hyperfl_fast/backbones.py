@@ -239,7 +239,10 @@ def _pick(spec: LPMSpec, resnet: Adapt, vit: Adapt) -> Adapt:
 
 
 def _stat_views(stats: torch.Tensor, spec: LPMSpec, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Stage i's (running mean, running var) views for its two BatchNorms; ``stats`` (..., 2, num_stats)."""
+    """Stage i's (running mean, running var) views for its two BatchNorms; ``stats`` (..., 2, num_stats), or None
+    (batch statistics only, nothing kept: training only)."""
+    if stats is None:
+        return [(None, None), (None, None)]
     widths = spec.backbone.widths
     start, width = 2 * sum(widths[:i]), widths[i]
     return [(stats[..., 0, s:s + width], stats[..., 1, s:s + width]) for s in (start, start + width)]

@@ -98,6 +98,7 @@ def build_clients(dataset: ImageDataset, splits: list[ClientSplit], device: torc
 
 
 @torch.no_grad()
+@torch.no_grad()
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              chunk: int = 1000) -> float:
     """Percentage of ``x`` that ``predict`` (images -> logits) classifies as ``y`` (a module is put in eval mode)."""

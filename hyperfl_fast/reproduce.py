@@ -1,4 +1,5 @@
-"""Command line: ``python -m hyperfl_fast.reproduce [flags]``: the paper's Table 1 by one command.
+"""Command line: ``python -m hyperfl_fast.reproduce [flags]``: the paper's Table 1 by one command (``--table 2``:
+its Table 2, :mod:`hyperfl_fast.reproduce_lpm`).
 
 Trains every method on every dataset whose files are present (Fashion-MNIST
 always; EMNIST, CIFAR-10 and CINIC-10 when they are in ``--data-dir``; missing
@@ -33,6 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backbones import BACKBONES
 from .checkpoint import check_writable, write_json
 from .config import Config, ConfigError
 from .data import DATASETS, DatasetError, dataset_present
@@ -242,6 +244,20 @@ def reproduce(base: Config, methods: list[str], datasets: list[str], seeds: list
     return results
 
 
+def _weight_files(value: str, backbones: list[str]) -> dict[str, str]:
+    """``--backbone-weights name=FILE,...`` as {backbone: file}; a one-line ConfigError for a bad entry."""
+    weights = {}
+    for entry in filter(None, (v.strip() for v in value.split(","))):
+        name, _, path = entry.partition("=")
+        if not path or name not in backbones:
+            raise ConfigError(f"--backbone-weights: {entry!r} is not BACKBONE=FILE with BACKBONE one of "
+                              f"{', '.join(backbones)}")
+        if not Path(path).is_file():
+            raise ConfigError(f"--backbone-weights: {path} does not exist")
+        weights[name] = path
+    return weights
+
+
 def _names(value: str, allowed, flag: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in names if v not in allowed]
@@ -261,8 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(table1_methods()),
                    help="comma-separated, of Table 1's (default: %(default)s)")
-    p.add_argument("--datasets", default=",".join(TABLE_DATASETS),
-                   help="comma-separated; missing ones are skipped (default: %(default)s)")
+    p.add_argument("--table", type=int, default=1, choices=(1, 2),
+                   help="1: Table 1 (the small CNNs); 2: Table 2 (HyperFL-LPM and its baselines on backbones, 20 "
+                        "clients; --methods and --clients are Table 1's) (default: %(default)s)")
+    p.add_argument("--datasets", default=None,
+                   help=f"comma-separated; missing ones are skipped (default: {','.join(TABLE_DATASETS)}; "
+                        "Table 2: emnist,cifar10)")
+    p.add_argument("--backbones", default="resnet18,vit-s16", help="Table 2: comma-separated (default: %(default)s)")
+    p.add_argument("--backbone-weights", default="",
+                   help="Table 2: local weight files, e.g. resnet18=r18.pt,vit-s16=vits.pt (README: how to make "
+                        "them); a backbone without one is random")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per run (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds per run (default: %(default)s, the paper's)")
     p.add_argument("--clients", default="20",
@@ -278,10 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .reproduce_lpm import TABLE_2_DATASETS, reproduce_table2  # (it reads this module's helpers)
+
     args = build_parser().parse_args(argv)
     try:
         methods = _names(args.methods, table1_methods(), "--methods")
-        datasets = _names(args.datasets, list(DATASETS), "--datasets")
+        datasets = _names(args.datasets or ",".join(TABLE_DATASETS if args.table == 1 else TABLE_2_DATASETS),
+                          list(DATASETS), "--datasets")
+        backbones = _names(args.backbones, list(BACKBONES), "--backbones")
+        weights = _weight_files(args.backbone_weights, backbones)
         if args.seeds <= 0:
             raise ConfigError(f"--seeds must be positive, got {args.seeds}")
         settings = {int(c): CLIENT_SETTINGS[int(c)]
@@ -289,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         base = Config(rounds=args.rounds, local_epochs=args.local_epochs, client_init=args.client_init,
                       engine=args.engine, device=args.device, data_dir=args.data_dir).validate()
         with graceful_interrupts():  # Ctrl-C or SIGTERM: stop after saving; a second one: stop at once
-            reproduce(base, methods, datasets, list(range(args.seeds)), args.output_dir, settings=settings)
+            if args.table == 2:
+                reproduce_table2(base, backbones, datasets, list(range(args.seeds)), args.output_dir, weights)
+            else:
+                reproduce(base, methods, datasets, list(range(args.seeds)), args.output_dir, settings=settings)
     except (ConfigError, DatasetError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch
 from hyperfl_fast.checkpoint import load_checkpoint
 from hyperfl_fast.config import Config
 from hyperfl_fast.methods import get_method
+from hyperfl_fast.models import cnn_spec
 from hyperfl_fast.runner import prepare
 
 pytest.importorskip("flwr")  # installed by `make test`; the extra is hyperfl_fast[flower]
@@ -109,9 +110,10 @@ def flwr_run(env: dict, config: str, federation_config: str | None = None) -> su
                             start_new_session=True)
 
 
-def reference_global_state(rounds_clients: list[list[int]]) -> dict:
-    """The in-process reference engine's global hypernetwork after the given rounds (sampled clients each)."""
-    engine, _ = prepare(Config(**SETTINGS, engine="reference"), log=lambda _: None)
+def reference_global_state(rounds_clients: list[list[int]], method: str = "hyperfl") -> dict:
+    """The in-process reference engine's global state (HyperFL: the hypernetwork) after the given rounds (sampled
+    clients each)."""
+    engine, _ = prepare(Config(**SETTINGS, method=method, engine="reference"), log=lambda _: None)
     for round_idx, sampled in enumerate(rounds_clients):
         engine.run_round(round_idx, sampled)
     return engine.global_state()
@@ -202,6 +204,27 @@ def test_hyperfl_in_flowers_simulation_engine(tmp_path):
     assert [c["client"] for c in saved["rounds"][1]["clients"]] == [0, 1, 2]
     assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1, 2]]))
     assert len(list((tmp_path / "node-state").glob("run-*/partition-?.pt"))) == 3  # each virtual node's state
+
+
+def test_pfedhn_on_a_loopback_deployment(tmp_path):
+    """pFedHN's server-side hypernetwork over 3 SuperNodes, 2 rounds: each node receives the weights generated for
+    its partition and uploads their change (nothing else), and the server's hypernetwork and embeddings equal the
+    reference engine's."""
+    out = tmp_path / "out"
+    with deployment(tmp_path) as (env, _, _):
+        process = flwr_run(env, run_config(out, method="pfedhn", client_metrics=False))
+        try:
+            log, _ = process.communicate(timeout=400)
+        finally:
+            stop(process)
+    assert (out / "global.pt").exists(), log[-3000:]
+    audit = read_audit(out)
+    assert sorted((a["round"], a["partition-id"]) for a in audit) == [(r, c) for r in (1, 2) for c in range(3)]
+    model = {name for name, _ in cnn_spec(1, 10).cnn_shapes()}  # the whole CNN's change, as the server sent it
+    assert all(set(a["arrays"]) == model for a in audit)
+    saved, verified = load_checkpoint(out / "global.pt", torch.device("cpu"))
+    assert verified and [r["round"] for r in saved["rounds"]] == [1, 2]
+    assert_equal_states(saved["engine"]["global"], reference_global_state([[0, 1, 2], [0, 1, 2]], "pfedhn"))
 
 
 def test_a_supernode_that_dies_in_round_2(tmp_path):

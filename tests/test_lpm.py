@@ -222,3 +222,47 @@ def test_spec_is_built_from_the_seed():
     cfg = Config(**SETTINGS, backbone="vit-tiny").validate()
     specs = [load_partition(cfg, log=lambda _: None)[2] for _ in range(2)]
     assert all(torch.equal(t, specs[1].module.state_dict()[k]) for k, t in specs[0].module.state_dict().items())
+
+
+def test_the_table_2_report_lists_every_paper_figure_and_ours_beside_them():
+    from hyperfl_fast.methods.hyperfl_lpm import TABLE_2
+    from hyperfl_fast.reproduce_lpm import table2_markdown
+
+    empty = table2_markdown([], "settings")
+    assert all(f"{figure:.2f}" in empty for row in TABLE_2.values() for figure in row) and len(TABLE_2) == 4
+    ran = table2_markdown([{"dataset": "cifar10", "backbone": "vit-s16", "column": "HyperFL-LPM", "seed": s,
+                            "final": f, "seconds_per_round": 1.0} for s, f in ((0, 95.0), (1, 96.0))], "settings")
+    assert "95.50 / 95.40 (+0.10)" in ran
+
+
+@pytest.mark.parametrize("flag,message", [("vit-tiny=/nonexistent.pt", "/nonexistent.pt does not exist"),
+                                          ("vit-tiny", "'vit-tiny' is not BACKBONE=FILE")])
+def test_table_2_weight_files_are_checked_first(flag, message, capsys):
+    from hyperfl_fast.reproduce import main
+
+    assert main(["--table", "2", "--backbones", "vit-tiny", "--backbone-weights", flag]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_attack_cli_reads_the_adapters_off_an_lpm_upload_and_inverts_them(tmp_path):
+    """IG on a HyperFL-LPM upload (structure-aware): the client's generated adapters come out of its hypernetwork
+    upload exactly (one step), then its images are matched through the known frozen backbone."""
+    from hyperfl_fast.attack import main
+
+    out = tmp_path / "attack"
+    assert main(["--method", "hyperfl-lpm", "--backbone", "vit-tiny", "--dataset", "synthetic-rgb", "--batch-size",
+                 "2", "--iterations", "5", "--output-dir", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["method"] == "hyperfl-lpm" and row["variant"] == "c" and len(row["psnr_per_image"]) == 2
+    assert row["theta_rel_error"] < 1e-5 and row["hidden_cosine"] > 0.9999
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--backbone", "resnet18"], "--batch-size: hyperfl-lpm on resnet18 needs at least 2 images"),
+    (["--backbone", "vit-tiny", "--checkpoint", "x.pt"], "--checkpoint: attacking a trained hyperfl-lpm run"),
+])
+def test_attack_cli_lpm_errors(flags, message, tmp_path, capsys):
+    from hyperfl_fast.attack import main
+
+    assert main(["--method", "hyperfl-lpm", *flags, "--output-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -37,7 +37,7 @@ def test_every_method_declares_what_it_is():
         assert method.headline in ("local_acc", "global_acc") and isinstance(method.uploads, str)
     assert method_names(POISSON) == ["dp-fedavg", "centaur", "ppsgd"] == [n for n, m in METHODS.items() if m.dp]
     assert method_names(ATTACK) == ["fedavg", "pfedhn", "pfedhn-pc", "dp-fedavg", "centaur", "ppsgd",
-                                    "hyperfl"]  # local uploads nothing
+                                    "hyperfl", "hyperfl-lpm"]  # local uploads nothing
     assert [n for n, m in METHODS.items() if m.sends_per_client] == ["pfedhn", "pfedhn-pc"]
 
 

@@ -35,12 +35,13 @@ from .base import ATTACK, CUDA_GRAPHS, ClientUpdate, Method, State, detached, lo
 PRIVATE_KEYS = ("embedding", "classifier.weight", "classifier.bias")  # never leave the client
 
 
-def hypernet_step(model: GeneratedCNN, optimizer: SGD, x: torch.Tensor, y: torch.Tensor,
+def hypernet_step(model: torch.nn.Module, optimizer: SGD, x: torch.Tensor, y: torch.Tensor,
                   grad_clip: float) -> float:
     """One hypernetwork-phase step: loss -> theta -> (psi, v) by the chain rule, clip, SGD.
 
     The gradient norm is clipped separately for the hypernetwork and for the
-    embedding.  The classifier is not updated (it is not in ``optimizer``).
+    embedding.  The classifier is not updated (it is not in ``optimizer``).  ``model`` is a
+    :class:`GeneratedCNN` (or HyperFL-LPM's client model): it has ``hypernet`` and ``embedding``.
     """
     optimizer.zero_grad()
     loss = F.cross_entropy(model(x), y)

@@ -32,8 +32,8 @@ from ..lockstep.evaluation import batched_accuracy, client_losses, client_result
 from ..lockstep.hypernet import LockstepHypernetwork
 from ..lockstep.optim import StackedSGD
 from ..models import HyperNetwork, split_flat
-from .base import ClientUpdate, Method, State, detached, register, sgd
-from .hyperfl import hypernet_from
+from .base import ATTACK, ClientUpdate, Method, State, detached, register, sgd
+from .hyperfl import hypernet_from, hypernet_step
 
 
 class LPMClient(nn.Module):
@@ -56,10 +56,11 @@ class LPMClient(nn.Module):
         """theta_i = h(v_i; psi): the adapters, flat (P,)."""
         return self.hypernet(self.embedding)
 
-    def forward(self, x: torch.Tensor, theta: torch.Tensor | None = None, training: bool = False) -> torch.Tensor:
-        """Logits for ``x`` (B, C, H, W); ``training``: the adapters' BatchNorms use (and update) batch statistics."""
+    def forward(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``x`` (B, C, H, W); pass ``theta`` to reuse adapters generated earlier.  In ``train()`` mode
+        the adapters' BatchNorms use (and update) batch statistics, in ``eval()`` the running ones."""
         adapters = split_flat(self.generate() if theta is None else theta, self.spec.adapter_shapes())
-        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec, self.stats, training))
+        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec, self.stats, self.training))
         return head_logits(features, self.head_tensors())
 
     def private(self) -> State:
@@ -72,24 +73,18 @@ def train_lpm_client(model: LPMClient, data, cfg, round_idx: int) -> float:
     """Steps 2 and 3 of a client's round; returns the mean loss of its last epoch."""
     with torch.no_grad():
         theta = model.generate()  # (P,)
+    model.train()
     optimizer = sgd(model.head.parameters(), cfg, cfg.classifier_lr)
     for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch=0):
         optimizer.zero_grad()
-        F.cross_entropy(model(x, theta, training=True), y).backward()
+        F.cross_entropy(model(x, theta), y).backward()
         optimizer.step()
 
     optimizer = sgd([{"params": model.hypernet.parameters()}, {"params": [model.embedding]}], cfg, cfg.lr)
     model.head.requires_grad_(False)
     for epoch in range(1, cfg.local_epochs + 1):
-        losses = []
-        for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch):
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x, training=True), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.hypernet.parameters(), cfg.grad_clip)
-            torch.nn.utils.clip_grad_norm_([model.embedding], cfg.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
+        losses = [hypernet_step(model, optimizer, x, y, cfg.grad_clip)  # HyperFL's step: psi and v clipped apart
+                  for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch)]
     model.head.requires_grad_(True)
     return sum(losses) / len(losses)
 
@@ -191,6 +186,18 @@ class HyperFLLPMLockstep(Engine):
             t.copy_(torch.stack([c[k] for c in client_states]))
 
 
+# The paper's Table 2 (accuracy %, 20 clients): per (dataset, backbone), its columns in order.  dagger: a fixed
+# backbone (--adapters off), double dagger: adapters fine-tuned (--adapters on); (method, --adapters) per column.
+TABLE_2_COLUMNS = {"Local†": ("local", "off"), "Local††": ("local", "on"), "FedAvg†": ("fedavg", "off"),
+                   "FedAvg††": ("fedavg", "on"), "HyperFL-LPM": ("hyperfl-lpm", None)}
+TABLE_2 = {
+    ("emnist", "resnet18"): (72.83, 80.35, 68.99, 75.21, 80.32),
+    ("emnist", "vit-s16"): (76.95, 80.04, 70.92, 76.42, 79.92),
+    ("cifar10", "resnet18"): (68.57, 73.57, 62.35, 75.57, 75.03),
+    ("cifar10", "vit-s16"): (91.82, 89.70, 92.32, 95.56, 95.40),
+}
+
+
 @register
 class HyperFLLPM(Method):
     name = "hyperfl-lpm"
@@ -199,6 +206,8 @@ class HyperFLLPM(Method):
     uploads = "the hypernetwork"
     keeps = "its embedding, head and adapter statistics"
     needs_backbone = runs_on_backbones = True
+    supports = frozenset({ATTACK})
+    threat = "lpm-hypernetwork"
     step_flags = ("lr", "classifier_lr", "grad_clip")
     lockstep = HyperFLLPMLockstep
 
@@ -220,6 +229,5 @@ class HyperFLLPM(Method):
         return ClientUpdate(upload, model.private(), loss, accuracy(model, data.test_x, data.test_y,
                                                                     chunk=spec.backbone.eval_chunk))  # 4.
 
-    @torch.no_grad()
     def predict(self, spec, global_state, private):
-        return LPMClient(spec, hypernet_from(global_state, copy=False), private, copy=False)
+        return LPMClient(spec, hypernet_from(global_state, copy=False), private, copy=False).eval()

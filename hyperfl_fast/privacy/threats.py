@@ -14,6 +14,9 @@ produced by that client's local training on a private batch (x, y).
 - ``pfedhn``: the server generated the client's whole CNN and sees its change: FedAvg's threat model;
   ``pfedhn-pc``: it generated the feature extractor and sees its change, the client's classifier unknown (as
   PPSGD's and CENTAUR's, without the noise).
+- ``hyperfl-lpm``: as HyperFL's variant c on a frozen backbone (:func:`lpm_scenario`): theta (the client's
+  adapters) and d_theta are read off the hypernetwork upload, and IG matches d_theta through the known backbone
+  with a dummy head.
 - ``hyperfl``: the upload is the hypernetwork's gradient / update (psi only);
   the client's embedding v and classifier phi are private.
   * ``a`` (IG, unknown private parts): dummy images, embedding, classifier and
@@ -32,9 +35,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call
 
-from ..models import CNNSpec, HyperNetwork, TargetCNN, extract_features, split_theta
+from ..backbones import LPMSpec, backbone_features, client_adapt, head_logits
+from ..models import CNNSpec, HyperNetwork, TargetCNN, extract_features, split_flat, split_theta
 from .attacks import LocalTraining, Params, Unknowns, infer_labels, local_update, soft_cross_entropy
 
 HYPER_KEYS = ("fc.weight", "fc.bias", "heads.weight", "heads.bias")
@@ -257,3 +262,47 @@ def dummy_classifier_simulation(spec: CNNSpec, theta: torch.Tensor):
         return list(torch.autograd.grad(loss, [leaf], create_graph=True))
 
     return simulate
+
+
+# --------------------------------------------------------------------------- HyperFL-LPM
+
+def lpm_features(images: torch.Tensor, theta: torch.Tensor, spec: LPMSpec) -> torch.Tensor:
+    """The frozen backbone with the adapters ``theta`` in training mode (batch statistics, none kept)."""
+    return backbone_features(images, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec, None, True))
+
+
+def lpm_scenario(spec: LPMSpec, psi: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
+                 training: LocalTraining) -> Scenario:
+    """HyperFL-LPM's upload under the structure-aware attack: the server knows psi, the frozen backbone and the
+    architecture; the client's embedding and head (``private``) are unknown to it.  One client step (or
+    several) of psi and the embedding, as the client's hypernetwork epochs train them, gives the upload;
+    theta and d_theta are read off it (:func:`generated_update`) and IG matches d_theta with a dummy head."""
+    with torch.device("meta"):
+        hypernet = HyperNetwork(psi["fc.weight"].shape[1], psi["fc.weight"].shape[0], psi["heads.weight"].shape[0])
+    hypernet.load_state_dict(psi, assign=True)  # psi's tensors themselves
+    head = {name: private[name] for name, _ in spec.head_shapes()}
+
+    def loss_fn(p: Params, images, targets):
+        theta = functional_call(hypernet, {k: p[k] for k in HYPER_KEYS}, (p["embedding"],))
+        return soft_cross_entropy(head_logits(lpm_features(images, theta, spec), p), targets)
+
+    trainable = {**{k: t.clone().requires_grad_() for k, t in psi.items()},
+                 "embedding": private["embedding"].clone().requires_grad_()}
+    onehot = nn.functional.one_hot(y, spec.num_classes).to(x.dtype)
+    upload = local_update(loss_fn, trainable, head, x, onehot, hyperfl_training(training))
+    observed = {k: upload[k].detach() for k in HYPER_KEYS}  # all that leaves the client
+    theta_est, target, hidden_est = generated_update(psi, observed, training)
+    diagnostics = theta_diagnostics(hypernet, private["embedding"], theta_est, hidden_est)
+
+    def simulate(images, targets, extras):
+        leaf = theta_est.clone().requires_grad_()
+        with sdpa_kernel(SDPBackend.MATH):  # (a ViT's fused attention has no second derivative)
+            loss = soft_cross_entropy(head_logits(lpm_features(images, leaf, spec), extras), targets)
+            return list(torch.autograd.grad(loss, [leaf], create_graph=True))
+
+    unknowns = {}
+    for name, shape in spec.head_shapes():
+        if name.endswith("weight"):
+            unknowns |= _linear_init(shape[0], shape[1], name.removesuffix("weight"))
+    return Scenario("hyperfl-lpm-c", simulate, [target], None, Unknowns(unknowns), diagnostics)
+
