@@ -3,6 +3,11 @@
     python benchmarks/lpm_round.py --backbone resnet18 --clients 20 --samples 600 --local-epochs 5
     python benchmarks/lpm_round.py --backbone vit-s16 --clients 2 --samples 16 --local-epochs 1
 
+On a lent GPU (one device call, after ``gpu_session.sh``; timm is in the device image):
+
+    python3 benchmarks/lpm_round.py --backbone resnet18 --repeats 2 &&
+    python3 benchmarks/lpm_round.py --backbone vit-s16 --samples 64 --local-epochs 1
+
 Random backbones and random 32x32 RGB data (the cost does not depend on the weights).  Reports, for the
 lockstep engine (every client at once, one generation call per step):
 
@@ -67,14 +72,11 @@ def flops_per_image(spec, device) -> tuple[float, float]:
     """The backbone's FLOPs for one 32x32 image: forward, and forward + backward to the adapters."""
     x = torch.randn(2, 3, 32, 32, device=device)
     theta = torch.zeros(spec.num_feature_params, device=device, requires_grad=True)
-    stats = torch.stack([torch.zeros(spec.num_stats), torch.ones(spec.num_stats)]).to(device) if spec.num_stats \
-        else None
     with FlopCounterMode(display=False) as forward:
         with torch.no_grad():
-            backbone_features(x, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec, stats, False))
+            backbone_features(x, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec))
     with FlopCounterMode(display=False) as step:
-        features = backbone_features(x, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec, stats,
-                                                           True))
+        features = backbone_features(x, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec))
         torch.autograd.grad(features.sum(), theta)
     return forward.get_total_flops() / len(x), step.get_total_flops() / len(x)
 
@@ -94,7 +96,7 @@ def main() -> None:
     cfg = Config(dataset="synthetic-rgb", method="hyperfl-lpm", backbone=args.backbone, clients=args.clients,
                  local_epochs=args.local_epochs, batch_size=args.batch_size, device=device.type).validate()
     torch.manual_seed(0)
-    spec = lpm_spec(args.backbone, 3, 32, 10, device)
+    spec = lpm_spec(args.backbone, 10, device)
     gen = torch.Generator().manual_seed(0)
     clients = [ClientData(c, torch.randn(args.samples, 3, 32, 32, generator=gen).to(device),
                           torch.randint(0, 10, (args.samples,), generator=gen).to(device),

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifier epoch then 5 hypernetwork epochs of batches of 50 over its local-size images "
                         "(600 on fmnist)")
     p.add_argument("--local-steps", type=int, default=5, help="local SGD steps in the 'round' setting")
-    p.add_argument("--backbone", default="resnet18", choices=list(BACKBONES),
-                   help="hyperfl-lpm: the frozen backbone of the attacked client (the server knows it)")
+    p.add_argument("--backbone", default=None, choices=list(BACKBONES),
+                   help="hyperfl-lpm: the frozen backbone of the attacked client, which the server knows (default: "
+                        "resnet18)")
     p.add_argument("--backbone-weights", default=None,
                    help="hyperfl-lpm: a local state dict of the backbone's weights (default: random, from --seed)")
     p.add_argument("--dataset", default="fmnist", choices=list(DATASETS), help="where the private images come from")
@@ -212,13 +213,12 @@ def check_args(args) -> None:
         if given and not hyperfl_attacks:
             raise ValueError(f"{flag} applies to --attack {', '.join(HYPERFL_ONLY)}, not to "
                              f"{' '.join(args.attack)}")
+    if "hyperfl-lpm" not in args.method and (args.backbone or args.backbone_weights):
+        raise ValueError("--backbone and --backbone-weights apply to --method hyperfl-lpm only")
     if "hyperfl-lpm" in args.method:
         if args.checkpoint:
             raise ValueError("--checkpoint: attacking a trained hyperfl-lpm run is not supported yet; drop "
                              "--checkpoint to attack the models at initialisation")
-        if args.backbone == "resnet18" and args.batch_size < 2:
-            raise ValueError("--batch-size: hyperfl-lpm on resnet18 needs at least 2 images (its last adapter's "
-                             "BatchNorm sees a 1x1 map per image, and one value per channel has no batch statistics)")
     if max(args.clients_summed) > 1 and args.checkpoint:
         raise ValueError("--clients-summed above 1 draws the other clients afresh; it does not combine with "
                          "--checkpoint")
@@ -365,13 +365,17 @@ def hyperfl_lpm_scenario(args, num_classes: int, x: torch.Tensor, y: torch.Tenso
     """HyperFL-LPM's structure-aware attack (:func:`lpm_scenario`) on a client of a run at initialisation: the
     backbone (random from ``--seed`` or ``--backbone-weights``), psi and the client's embedding and head drawn as
     ``hyperfl_fast.train`` draws them; the client trains with the authors' lr for the backbone."""
-    cfg = Config(method="hyperfl-lpm", dataset=args.dataset, backbone=args.backbone, seed=args.seed, clients=1)
+    cfg = Config(method="hyperfl-lpm", dataset=args.dataset, backbone=args.backbone or "resnet18", seed=args.seed,
+                 clients=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        spec = lpm_spec(args.backbone, x.shape[1], x.shape[-1], num_classes, x.device, args.backbone_weights)
+        try:
+            spec = lpm_spec(args.backbone or "resnet18", num_classes, x.device, args.backbone_weights)
+        except ImportError as exc:  # timm (or torchvision) missing
+            raise ValueError(str(exc)) from None
     torch.manual_seed(args.seed)
     psi, privates = get_method("hyperfl-lpm").init_states(spec, 1, cfg, x.device)
-    training = LocalTraining(steps, lr=BACKBONES[args.backbone].lr, clip=PAPER.grad_clip)
+    training = LocalTraining(steps, lr=BACKBONES[args.backbone or "resnet18"].lr, clip=PAPER.grad_clip)
     return lpm_scenario(spec, psi, privates[0], x, y, training)
 
 

@@ -10,15 +10,18 @@ Adapters (the authors' code, ``resnet/models/models_resnet.py`` and ``vit/models
 * ResNet, after stage i with C channels: ``y = BN_out(x + conv1x1(BN_in(x)))``, no conv bias;
 * ViT, on block j's MLP output m: ``m + LayerNorm(up(ReLU(down(m))))``, down D -> D/16, up D/16 -> D.
 
+BatchNorm, as the authors' code runs it: their ``local_training`` calls ``model.train()`` and then, before the
+first step, ``local_test``, which calls ``model.eval()``; nothing switches back.  So every BatchNorm normalises
+with fixed statistics in training too: the backbone's its pre-trained ones, and each adapter BatchNorm its initial
+ones (mean 0, variance 1), which makes it the per-channel affine map ``x / sqrt(1 + eps) * weight + bias``.  This
+package computes exactly that (nothing drifts, no statistics are kept, any batch size works).
+
 Choices that differ from the authors' code (each is one of their bugs, see the README):
 
 * generated norm scales are offsets from 1 (``weight = 1 + theta[...]``), so a fresh hypernetwork starts from
   near-identity norms instead of scales near 0;
-* the frozen backbone always runs in eval mode: its BatchNorm statistics stay the pre-trained ones (the
-  authors' ``model.train()`` lets them drift);
-* the adapters' own BatchNorms (ResNet) normalise with the client's batch statistics in training and its
-  running statistics in evaluation; those statistics are the client's private state, never uploaded;
-* the ViT is built with qkv biases, so pre-trained ViT-S/16 weights load completely.
+* the ViT is built with qkv biases and timm's LayerNorm eps 1e-6 (as ``vit_small_patch16_384``), so pre-trained
+  ViT-S/16 weights load completely.
 
 Nothing is ever downloaded: the backbone is randomly initialised unless :func:`load_backbone_weights` reads a
 local state dict (README: how to make one on a connected machine).
@@ -37,7 +40,7 @@ from torch import nn
 
 from . import ops
 
-BN_MOMENTUM, BN_EPS, LN_EPS = 0.1, 1e-5, 1e-5  # torch's BatchNorm2d / LayerNorm defaults, as the authors'
+BN_EPS, LN_EPS = 1e-5, 1e-5  # torch's BatchNorm2d / LayerNorm defaults, as the authors'
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,8 @@ class LPMSpec:
     """
 
     backbone: Backbone
-    in_channels: int  # of the dataset's images (1: repeated to 3 channels)
-    image_size: int
     num_classes: int
-    module: nn.Module = field(compare=False, repr=False)
+    module: nn.Module | None = field(compare=False, repr=False)  # None: the layout only (a Flower server)
     adapters: bool = True  # False: the backbone alone, a fixed feature extractor (Table 2's dagger baselines)
 
     def adapter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -133,20 +134,20 @@ class LPMSpec:
         return shapes + [("head.out.weight", (self.num_classes, hidden or d)), ("head.out.bias", (self.num_classes,))]
 
     @property
-    def num_stats(self) -> int:
-        """Length of a client's running-statistics vector: the ResNet adapters' two BatchNorms per stage."""
-        return 2 * sum(self.backbone.widths) if self.backbone.family == "resnet" and self.adapters else 0
+    def eval_chunk(self) -> int:
+        """Test images per client per forward in evaluation."""
+        return self.backbone.eval_chunk
 
 
-def lpm_spec(backbone: str, in_channels: int, image_size: int, num_classes: int, device: torch.device,
-             weights: str | None = None, adapters: bool = True) -> LPMSpec:
+def lpm_spec(backbone: str, num_classes: int, device: torch.device, weights: str | None = None,
+             adapters: bool = True) -> LPMSpec:
     """The spec for ``backbone`` on a dataset, with its frozen module built on ``device`` (in the default dtype)
     and, given ``weights``, loaded from that local file."""
     arch = BACKBONES[backbone]
     module = arch.build()
     if weights:
         load_backbone_weights(module, weights, backbone)
-    return LPMSpec(arch, in_channels, image_size, num_classes, module.to(device, torch.get_default_dtype()), adapters)
+    return LPMSpec(arch, num_classes, module.to(device, torch.get_default_dtype()), adapters)
 
 
 class BackboneWeightsError(ValueError):
@@ -210,18 +211,15 @@ def backbone_features(x: torch.Tensor, spec: LPMSpec, adapt: Adapt) -> torch.Ten
 
 
 # ---- one client (the reference): plain functional PyTorch ----
-def client_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec, stats: torch.Tensor | None,
-                 training: bool) -> Adapt:
-    """One client's adapters (named tensors, unbatched) as an :data:`Adapt`; ``stats`` (2 x num_stats: running
-    means, running variances) is updated in place when ``training``."""
+def client_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec) -> Adapt:
+    """One client's adapters (named tensors, unbatched) as an :data:`Adapt`."""
     def resnet(i: int, x: torch.Tensor) -> torch.Tensor:
-        a = adapters
-        (mean_in, var_in), (mean_out, var_out) = _stat_views(stats, spec, i)
-        u = F.batch_norm(x, mean_in, var_in, 1 + a[f"adapter{i}.norm_in.weight"], a[f"adapter{i}.norm_in.bias"],
-                         training, BN_MOMENTUM, BN_EPS)
-        c = F.conv2d(u, a[f"adapter{i}.conv.weight"][:, :, None, None])
-        return F.batch_norm(x + c, mean_out, var_out, 1 + a[f"adapter{i}.norm_out.weight"],
-                            a[f"adapter{i}.norm_out.bias"], training, BN_MOMENTUM, BN_EPS)
+        a, p = adapters, f"adapter{i}."
+        fixed = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device), torch.ones(x.shape[1], dtype=x.dtype,
+                                                                                     device=x.device)
+        u = F.batch_norm(x, *fixed, 1 + a[p + "norm_in.weight"], a[p + "norm_in.bias"], False, 0.0, BN_EPS)
+        c = F.conv2d(u, a[p + "conv.weight"][:, :, None, None])
+        return F.batch_norm(x + c, *fixed, 1 + a[p + "norm_out.weight"], a[p + "norm_out.bias"], False, 0.0, BN_EPS)
 
     def vit(j: int, m: torch.Tensor) -> torch.Tensor:
         a, p = adapters, f"adapter{j}."
@@ -238,16 +236,6 @@ def _pick(spec: LPMSpec, resnet: Adapt, vit: Adapt) -> Adapt:
     return resnet if spec.backbone.family == "resnet" else vit
 
 
-def _stat_views(stats: torch.Tensor, spec: LPMSpec, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Stage i's (running mean, running var) views for its two BatchNorms; ``stats`` (..., 2, num_stats), or None
-    (batch statistics only, nothing kept: training only)."""
-    if stats is None:
-        return [(None, None), (None, None)]
-    widths = spec.backbone.widths
-    start, width = 2 * sum(widths[:i]), widths[i]
-    return [(stats[..., 0, s:s + width], stats[..., 1, s:s + width]) for s in (start, start + width)]
-
-
 def head_logits(features: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.Tensor:
     """One client's head: features (B, D) -> logits (B, classes)."""
     if "head.hidden.weight" in head:
@@ -256,24 +244,15 @@ def head_logits(features: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.
 
 
 # ---- every client at once (the lockstep engine): the backbone once over all clients' images ----
-def batched_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec, n: int, stats: torch.Tensor | None,
-                  training: bool, valid: torch.Tensor | None = None, active: torch.Tensor | None = None) -> Adapt:
-    """N clients' adapters (named tensors (N, ...)) as an :data:`Adapt` over their stacked images (N B, ...).
-
-    ``stats`` (N, 2, num_stats) is updated in place for the ``active`` clients when ``training``; the batch
-    statistics count only the ``valid`` rows (N, B) of each client's batch.
-    """
+def batched_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec, n: int) -> Adapt:
+    """N clients' adapters (named tensors (N, ...)) as an :data:`Adapt` over their stacked images (N B, ...)."""
     def resnet(i: int, x: torch.Tensor) -> torch.Tensor:
-        a, x = adapters, x.unflatten(0, (n, -1))  # (N, B, C, H, W)
-        (mean_in, var_in), (mean_out, var_out) = _stat_views(stats, spec, i)
-        u = _batched_batch_norm(x, mean_in, var_in, a[f"adapter{i}.norm_in.weight"], a[f"adapter{i}.norm_in.bias"],
-                                training, valid, active)
+        a, p, x = adapters, f"adapter{i}.", x.unflatten(0, (n, -1))  # (N, B, C, H, W)
+        u = _fixed_batch_norm(x, a[p + "norm_in.weight"], a[p + "norm_in.bias"])
         rows = u.movedim(2, -1)  # (N, B, H, W, C): a 1x1 conv is a per-client linear over the channels
         zero_bias = rows.new_zeros(n, rows.shape[-1])
-        c = ops.batched_linear(rows.flatten(1, 3), a[f"adapter{i}.conv.weight"], zero_bias).view(rows.shape)
-        y = _batched_batch_norm(x + c.movedim(-1, 2), mean_out, var_out, a[f"adapter{i}.norm_out.weight"],
-                                a[f"adapter{i}.norm_out.bias"], training, valid, active)
-        return y.flatten(0, 1)
+        c = ops.batched_linear(rows.flatten(1, 3), a[p + "conv.weight"], zero_bias).view(rows.shape)
+        return _fixed_batch_norm(x + c.movedim(-1, 2), a[p + "norm_out.weight"], a[p + "norm_out.bias"]).flatten(0, 1)
 
     def vit(j: int, m: torch.Tensor) -> torch.Tensor:
         a, p = adapters, f"adapter{j}."
@@ -286,39 +265,20 @@ def batched_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec, n: int, stat
     return _pick(spec, resnet, vit)
 
 
-def _batched_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                        weight: torch.Tensor, bias: torch.Tensor, training: bool, valid: torch.Tensor | None,
-                        active: torch.Tensor | None) -> torch.Tensor:
-    """Each client's BatchNorm2d over its own rows: x (N, B, C, H, W); running stats, weight offsets, bias (N, C)."""
-    def per_channel(t):  # (N, C) -> (N, 1, C, 1, 1)
-        return t[:, None, :, None, None]
-
-    if training:
-        mask = (torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if valid is None else valid)
-        mask = mask[:, :, None, None, None].to(x.dtype)
-        count = mask.sum((1, 2, 3, 4)) * x.shape[3] * x.shape[4]  # (N,) values per channel
-        mean = (x * mask).sum((1, 3, 4)) / count.clamp(min=1)[:, None]
-        var = ((x - per_channel(mean)) ** 2 * mask).sum((1, 3, 4)) / count.clamp(min=1)[:, None]
-        with torch.no_grad():
-            update = (count > 1) if active is None else (count > 1) & active
-            unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
-            new_mean = running_mean.lerp(mean, BN_MOMENTUM)
-            new_var = running_var.lerp(unbiased, BN_MOMENTUM)
-            running_mean.copy_(torch.where(update[:, None], new_mean, running_mean))
-            running_var.copy_(torch.where(update[:, None], new_var, running_var))
-    else:
-        mean, var = running_mean, running_var
-    return (x - per_channel(mean)) * per_channel(torch.rsqrt(var + BN_EPS) * (1 + weight)) + per_channel(bias)
+def _fixed_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Each client's BatchNorm2d at its fixed statistics (mean 0, variance 1): x (N, B, C, H, W), scale offsets and
+    biases (N, C)."""
+    scale = (1 + weight) / math.sqrt(1 + BN_EPS)
+    return x * scale[:, None, :, None, None] + bias[:, None, :, None, None]
 
 
-def batched_logits(x: torch.Tensor, adapters: dict[str, torch.Tensor], head: dict[str, torch.Tensor], spec: LPMSpec,
-                   stats: torch.Tensor | None, training: bool, valid: torch.Tensor | None = None,
-                   active: torch.Tensor | None = None) -> torch.Tensor:
+def batched_logits(x: torch.Tensor, adapters: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                   spec: LPMSpec) -> torch.Tensor:
     """Every client's model at once: images (N, B, C, H, W), its adapters and head (N, ...) -> logits (N, B, K);
-    the frozen backbone runs once over all N B images (see :func:`batched_adapt` for ``stats`` and the masks)."""
+    the frozen backbone runs once over all N B images."""
     n = x.shape[0]
-    adapt = batched_adapt(adapters, spec, n, stats, training, valid, active)
-    return batched_head_logits(backbone_features(x.flatten(0, 1), spec, adapt).unflatten(0, (n, -1)), head)
+    features = backbone_features(x.flatten(0, 1), spec, batched_adapt(adapters, spec, n))
+    return batched_head_logits(features.unflatten(0, (n, -1)), head)
 
 
 def batched_head_logits(features: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -329,13 +289,9 @@ def batched_head_logits(features: torch.Tensor, head: dict[str, torch.Tensor]) -
 
 
 # ---- the baselines' model (Table 2's dagger columns): the same backbone, adapters trained directly ----
-STATS = "adapter_stats"  # a client's (2, num_stats) adapter BatchNorm running means and variances
-
-
 def init_backbone_model(spec: LPMSpec) -> dict[str, torch.Tensor]:
     """A fresh model of the trained parts, as PyTorch's default modules draw them: the head, and with adapters
-    their tensors (1x1 conv: ``nn.Conv2d``'s init; linears: ``nn.Linear``'s; norm scale offsets and biases 0)
-    and their BatchNorm statistics (means 0, variances 1)."""
+    their tensors (1x1 conv: ``nn.Conv2d``'s init; linears: ``nn.Linear``'s; norm scale offsets and biases 0)."""
     def linear(prefix, fan_in, fan_out):
         return {prefix + k: t.detach() for k, t in nn.Linear(fan_in, fan_out).state_dict().items()}
 
@@ -351,15 +307,13 @@ def init_backbone_model(spec: LPMSpec) -> dict[str, torch.Tensor]:
             state |= linear(name.removesuffix("weight"), shape[1], shape[0])
         else:
             state[name] = torch.zeros(shape)  # norm scale offsets and biases
-    if spec.num_stats:
-        state[STATS] = torch.stack([torch.zeros(spec.num_stats), torch.ones(spec.num_stats)])
     return state
 
 
 class BackboneModel(nn.Module):
     """A client's whole model on the frozen backbone (``spec.module``, shared, not a submodule: it is no part of
-    the state): adapters (if any) and head as parameters, the adapters' BatchNorm statistics as a buffer.  In
-    ``train()`` mode the adapters' BatchNorms use and update batch statistics; in ``eval()`` the running ones."""
+    the state): adapters (if any) and head as parameters, named as :meth:`LPMSpec.adapter_shapes` and
+    :meth:`LPMSpec.head_shapes`."""
 
     def __init__(self, spec: LPMSpec, state: dict[str, torch.Tensor]):
         super().__init__()
@@ -371,14 +325,10 @@ class BackboneModel(nn.Module):
                 if not hasattr(owner, part):
                     owner.add_module(part, nn.Module())
                 owner = getattr(owner, part)
-            if name == STATS:
-                owner.register_buffer(leaf, tensor)
-            else:
-                owner.register_parameter(leaf, nn.Parameter(tensor))
+            owner.register_parameter(leaf, nn.Parameter(tensor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         named = dict(self.named_parameters())
         adapters = {name: named[name] for name, _ in self.spec.adapter_shapes()}
-        stats = getattr(self, STATS, None)
-        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec, stats, self.training))
+        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec))
         return head_logits(features, named)

@@ -98,7 +98,6 @@ def build_clients(dataset: ImageDataset, splits: list[ClientSplit], device: torc
 
 
 @torch.no_grad()
-@torch.no_grad()
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              chunk: int = 1000) -> float:
     """Percentage of ``x`` that ``predict`` (images -> logits) classifies as ``y`` (a module is put in eval mode)."""
@@ -159,8 +158,7 @@ def layout_spec(cfg: Config):
         return cnn_spec(in_channels, num_classes)
     from .backbones import BACKBONES, LPMSpec
 
-    return LPMSpec(BACKBONES[cfg.backbone], in_channels, 28 if in_channels == 1 else 32, num_classes, module=None,
-                   adapters=cfg.with_adapters)
+    return LPMSpec(BACKBONES[cfg.backbone], num_classes, module=None, adapters=cfg.with_adapters)
 
 
 def model_spec(cfg: Config, dataset: ImageDataset):
@@ -173,7 +171,7 @@ def model_spec(cfg: Config, dataset: ImageDataset):
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            return lpm_spec(cfg.backbone, dataset.in_channels, dataset.train_images.shape[-1], dataset.num_classes,
-                            cfg.torch_device(), cfg.backbone_weights, cfg.with_adapters)
+            return lpm_spec(cfg.backbone, dataset.num_classes, cfg.torch_device(), cfg.backbone_weights,
+                            cfg.with_adapters)
     except (BackboneWeightsError, ImportError) as exc:
         raise ConfigError(str(exc)) from None

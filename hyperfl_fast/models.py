@@ -74,6 +74,11 @@ class CNNSpec:
         """(name, shape) of the classifier's tensors, as :class:`TargetCNN` names them."""
         return [("fc2.weight", (self.num_classes, self.hidden)), ("fc2.bias", (self.num_classes,))]
 
+    @property
+    def eval_chunk(self) -> int:
+        """Test images per client per forward in evaluation."""
+        return 200
+
     def cnn_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor of the whole CNN (feature extractor, then classifier), in the order of
         a flat vector that holds all of them (pFedHN generates the whole CNN)."""

@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbones import BACKBONES
+from .backbones import BACKBONES, BackboneWeightsError, load_backbone_weights
 from .checkpoint import check_writable, write_json
 from .config import Config, ConfigError
 from .data import DATASETS, DatasetError, dataset_present
@@ -79,6 +79,17 @@ def finished_rounds(out: Path, cfg: Config) -> list[dict] | None:
     return None
 
 
+def rounds_of(cfg: Config, out: Path, what: str, log=print) -> list[dict]:
+    """The rounds of run ``cfg`` in ``out``: read back when it finished earlier, else trained (resumed from its
+    checkpoint when there is one)."""
+    rounds = finished_rounds(out, cfg)
+    if rounds is not None:
+        log(f"{what}: finished earlier, read from {out}")
+        return rounds
+    log(f"{what}: training {cfg.rounds} rounds")
+    return run(cfg, resume=(out / "checkpoint.pt").exists(), log=lambda line: log(f"    {line}")).rounds
+
+
 def setting_name(dataset: str, clients: int) -> str:
     """How runs and plots of a dataset in a client setting are named (20 clients: the dataset alone)."""
     return dataset if clients == 20 else f"{dataset}-{clients}clients"
@@ -95,14 +106,7 @@ def run_all(base: Config, methods: list[str], datasets: list[str], seeds: list[i
         out = output_dir / "runs" / f"{setting_name(dataset, clients)}-{method}-seed{seed}"
         cfg = dataclasses.replace(base, dataset=dataset, method=method, seed=seed, clients=clients,
                                   frac=settings[clients], output_dir=str(out)).validate()
-        what = f"[{k}/{len(jobs)}] {dataset} {clients} clients {method} seed {seed}"
-        rounds = finished_rounds(out, cfg)
-        if rounds is not None:
-            log(f"{what}: finished earlier, read from {out}")
-        else:
-            log(f"{what}: training {cfg.rounds} rounds")
-            resume = (out / "checkpoint.pt").exists()
-            rounds = run(cfg, resume=resume, log=lambda line: log(f"    {line}")).rounds
+        rounds = rounds_of(cfg, out, f"[{k}/{len(jobs)}] {dataset} {clients} clients {method} seed {seed}", log)
         curves.append(RunCurve(dataset, method, seed, [r["headline_acc"] for r in rounds],
                                sum(r["seconds"] for r in rounds), clients, settings[clients]))
     return curves
@@ -215,18 +219,24 @@ def plot_curves(curves: list[RunCurve], output_dir: Path) -> list[Path]:
     return paths
 
 
+def present_datasets(datasets: list[str], data_dir: str, log=print) -> tuple[list[str], list[str]]:
+    """(present, missing) of ``datasets`` in ``data_dir``, the missing ones logged; a DatasetError if none is."""
+    present = [d for d in datasets if dataset_present(d, data_dir)]
+    missing = [d for d in datasets if d not in present]
+    if missing:
+        log(f"skipped, files not in {data_dir} (never downloaded): {', '.join(missing)}")
+    if not present:
+        raise DatasetError(f"none of the datasets {', '.join(datasets)} is present; see README.md, 'Datasets'")
+    return present, missing
+
+
 def reproduce(base: Config, methods: list[str], datasets: list[str], seeds: list[int], output_dir: str | Path,
               log=print, settings: dict[int, float] | None = None) -> dict:
     """Run the table (skipping datasets whose files are missing) and write table.md, the PNGs and results.json.
     ``settings``: clients -> fraction sampled each round (default: ``base``'s own; the CLI passes the paper's)."""
     settings = settings or {base.clients: base.frac}
     output_dir = Path(output_dir)
-    present = [d for d in datasets if dataset_present(d, base.data_dir)]
-    missing = [d for d in datasets if d not in present]
-    if missing:
-        log(f"skipped, files not in {base.data_dir} (never downloaded): {', '.join(missing)}")
-    if not present:
-        raise DatasetError(f"none of the datasets {', '.join(datasets)} is present; see README.md, 'Datasets'")
+    present, missing = present_datasets(datasets, base.data_dir, log)
     check_writable(output_dir)
     curves = run_all(base, methods, present, seeds, output_dir, log, settings)
     rows = table_rows(curves)
@@ -252,8 +262,10 @@ def _weight_files(value: str, backbones: list[str]) -> dict[str, str]:
         if not path or name not in backbones:
             raise ConfigError(f"--backbone-weights: {entry!r} is not BACKBONE=FILE with BACKBONE one of "
                               f"{', '.join(backbones)}")
-        if not Path(path).is_file():
-            raise ConfigError(f"--backbone-weights: {path} does not exist")
+        try:  # checked now, not when its first run starts
+            load_backbone_weights(BACKBONES[name].build(), path, name)
+        except (BackboneWeightsError, ImportError) as exc:
+            raise ConfigError(str(exc)) from None
         weights[name] = path
     return weights
 
@@ -283,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated; missing ones are skipped (default: {','.join(TABLE_DATASETS)}; "
                         "Table 2: emnist,cifar10)")
-    p.add_argument("--backbones", default="resnet18,vit-s16", help="Table 2: comma-separated (default: %(default)s)")
+    p.add_argument("--backbones", default="resnet18,vit-s16",
+                   help="Table 2: comma-separated (default: %(default)s, the paper's)")
     p.add_argument("--backbone-weights", default="",
                    help="Table 2: local weight files, e.g. resnet18=r18.pt,vit-s16=vits.pt (README: how to make "
                         "them); a backbone without one is random")

@@ -17,14 +17,11 @@ from pathlib import Path
 from .backbones import BACKBONES
 from .checkpoint import check_writable, write_json
 from .config import Config
-from .data import DatasetError, dataset_present
 from .methods import HEADLINE_NAMES, get_method
 from .methods.hyperfl_lpm import TABLE_2, TABLE_2_COLUMNS
-from .reproduce import DATASET_TITLES, finished_rounds
-from .runner import run
+from .reproduce import DATASET_TITLES, present_datasets, rounds_of
 
 TABLE_2_DATASETS = ("emnist", "cifar10")
-TABLE_2_BACKBONES = ("resnet18", "vit-s16")
 
 
 def table2_runs(base: Config, backbones: list[str], datasets: list[str], seeds: list[int], output_dir: Path,
@@ -40,13 +37,7 @@ def table2_runs(base: Config, backbones: list[str], datasets: list[str], seeds: 
         cfg = dataclasses.replace(base, dataset=dataset, method=method, backbone=backbone, adapters=adapters,
                                   backbone_weights=weights.get(backbone), lr=arch.lr, batch_size=arch.batch_size,
                                   seed=seed, output_dir=str(out)).validate()
-        what = f"[{k}/{len(jobs)}] {dataset} {backbone} {column} seed {seed}"
-        rounds = finished_rounds(out, cfg)
-        if rounds is not None:
-            log(f"{what}: finished earlier, read from {out}")
-        else:
-            log(f"{what}: training {cfg.rounds} rounds")
-            rounds = run(cfg, resume=(out / "checkpoint.pt").exists(), log=lambda line: log(f"    {line}")).rounds
+        rounds = rounds_of(cfg, out, f"[{k}/{len(jobs)}] {dataset} {backbone} {column} seed {seed}", log)
         finals.append({"dataset": dataset, "backbone": backbone, "column": column, "seed": seed,
                        "final": rounds[-1]["headline_acc"],
                        "seconds_per_round": statistics.fmean(r["seconds"] for r in rounds)})
@@ -80,12 +71,7 @@ def reproduce_table2(base: Config, backbones: list[str], datasets: list[str], se
                      output_dir: str | Path, weights: dict[str, str], log=print) -> dict:
     """Run Table 2 (skipping datasets whose files are missing) and write table2.md and results_table2.json."""
     output_dir = Path(output_dir)
-    present = [d for d in datasets if dataset_present(d, base.data_dir)]
-    missing = [d for d in datasets if d not in present]
-    if missing:
-        log(f"skipped, files not in {base.data_dir} (never downloaded): {', '.join(missing)}")
-    if not present:
-        raise DatasetError(f"none of the datasets {', '.join(datasets)} is present; see README.md, 'Datasets'")
+    present, missing = present_datasets(datasets, base.data_dir, log)
     random = [b for b in backbones if b not in weights]
     if random:
         log(f"warning: no --backbone-weights for {', '.join(random)}: those runs use a RANDOM backbone, not the "

@@ -197,7 +197,7 @@ def client_evaluation(context: Context, received: dict) -> dict:
     settings, spec, data, initial = client_of(context)
     model = get_method(settings.cfg.method).predict(spec, received, private_state(context, initial))
     return {"num-examples": len(data.test_y), "partition-id": data.client_id,
-            "global-acc": accuracy(model, data.test_x, data.test_y)}
+            "global-acc": accuracy(model, data.test_x, data.test_y, spec.eval_chunk)}
 
 
 AGGREGATION_METRICS = ("num-examples", "partition-id")  # all a client sends besides its upload, by default

@@ -164,7 +164,8 @@ class Method(ABC):
     def global_accuracy(self, spec: CNNSpec, global_state: State, private: State, data: ClientData,
                         cid: int) -> float:
         """Client ``cid``'s test accuracy with what the server would send it now and its private part."""
-        return accuracy(self.predict(spec, self.send(spec, global_state, cid), private), data.test_x, data.test_y)
+        return accuracy(self.predict(spec, self.send(spec, global_state, cid), private), data.test_x, data.test_y,
+                        spec.eval_chunk)
 
 
 REGISTRY: dict[str, Method] = {}

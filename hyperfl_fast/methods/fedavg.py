@@ -41,7 +41,7 @@ class FedAvg(Method):
     def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = cnn_from(spec, global_state)  # receive the global CNN
         loss = self.train(model, data, cfg, round_idx, noise)
-        return ClientUpdate(detached(model), {}, loss, accuracy(model, data.test_x, data.test_y))  # upload all
+        return ClientUpdate(detached(model), {}, loss, accuracy(model, data.test_x, data.test_y, spec.eval_chunk))
 
     def predict(self, spec, global_state, private):
         return cnn_from(spec, global_state, copy=False)

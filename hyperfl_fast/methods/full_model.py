@@ -6,8 +6,7 @@ In lockstep: :class:`CNNLockstep` (a global CNN) and :class:`LocalLockstep` (pri
 clients' CNNs as stacked tensors.
 
 With ``--backbone`` (``local`` and ``fedavg``, the paper's Table 2 baselines) the model is instead a frozen
-backbone's head and, with ``--adapters on``, its adapters (:class:`hyperfl_fast.backbones.BackboneModel`); the
-adapters' BatchNorm statistics (``adapter_stats``) are part of the model's state but not trained by SGD.
+backbone's head and, with ``--adapters on``, its adapters (:class:`hyperfl_fast.backbones.BackboneModel`).
 """
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ import torch
 from ..config import Config
 from ..engines import Engine
 from ..federation import ClientData, ClientResult
-from ..backbones import STATS, BackboneModel, LPMSpec, batched_logits, init_backbone_model
-from ..lockstep.data import Batch, RoundSchedule, StackedData, weighted_mean
+from ..backbones import BackboneModel, LPMSpec, batched_logits, init_backbone_model
+from ..lockstep.data import RoundSchedule, StackedData, weighted_mean
 from ..lockstep.dp_step import private_step_grads
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
@@ -45,21 +44,17 @@ def init_models(spec: CNNSpec | LPMSpec, count: int, device: torch.device, share
     return [{k: t.clone() for k, t in draws[0 if shared else c].items()} for c in range(count)]
 
 
-def model_logits(x: torch.Tensor, params: State, spec: CNNSpec | LPMSpec, training: bool = False,
-                 batch: Batch | None = None) -> torch.Tensor:
-    """Every client's model (its tensors stacked (N, ...) in ``params``): (N, B, C, H, W) -> (N, B, K).  A backbone
-    model in ``training`` updates its adapters' statistics in place (``params['adapter_stats']``, for the
-    ``batch``'s valid rows and active clients)."""
+def model_logits(x: torch.Tensor, params: State, spec: CNNSpec | LPMSpec) -> torch.Tensor:
+    """Every client's model (its tensors stacked (N, ...) in ``params``): (N, B, C, H, W) -> (N, B, K)."""
     if not isinstance(spec, LPMSpec):
         return cnn_logits(x, params, spec)
     adapters = {name: params[name] for name, _ in spec.adapter_shapes()}
-    head = {name: params[name] for name, _ in spec.head_shapes()}
-    return batched_logits(x, adapters, head, spec, params.get(STATS), training,
-                          None if batch is None else batch.valid, None if batch is None else batch.active)
+    return batched_logits(x, adapters, {name: params[name] for name, _ in spec.head_shapes()}, spec)
 
 
-def train_full_model(model: TargetCNN, data: ClientData, cfg: Config, round_idx: int) -> float:
-    """Train the whole CNN for ``local_epochs`` epochs; returns the mean loss of the last epoch."""
+def train_full_model(model: TargetCNN | BackboneModel, data: ClientData, cfg: Config, round_idx: int) -> float:
+    """Train the whole CNN (or a backbone model's head and adapters) for ``local_epochs`` epochs; returns the mean
+    loss of the last epoch."""
     optimizer = sgd(model.parameters(), cfg, cfg.lr)
     for epoch in range(cfg.local_epochs):
         loss = mean_loss_of_epoch(model, optimizer, data.batches(cfg.batch_size, cfg.seed, round_idx, epoch))
@@ -111,8 +106,7 @@ class CNNLockstep(Engine):
         cfg, n = self.cfg, len(sampled)
         idx = torch.tensor(sampled, device=self.data.train_y.device)
         params = self.received(idx)
-        trained = [k for k in params if k != STATS]  # (a backbone model's adapter statistics are no parameters)
-        sgd = StackedSGD([params[k] for k in trained], cfg.lr, cfg.momentum, cfg.weight_decay)
+        sgd = StackedSGD(list(params.values()), cfg.lr, cfg.momentum, cfg.weight_decay)
         poisson = range(cfg.local_epochs) if self.privacy is not None and cfg.poisson else ()
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs),
                                  poisson)
@@ -126,13 +120,13 @@ class CNNLockstep(Engine):
                                                self.privacy, sampled, round_idx, epoch, step)
                     sgd.step(grads, batch.active)
                 else:
-                    leaves = {k: params[k].clone().requires_grad_() for k in trained}
-                    losses = client_losses(model_logits(batch.x, {**params, **leaves}, self.spec, True, batch), batch)
+                    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+                    losses = client_losses(model_logits(batch.x, leaves, self.spec), batch)
                     sgd.step(list(torch.autograd.grad(losses.sum(), list(leaves.values()))), batch.active)
                 loss_sum += losses.detach() * batch.nonempty
                 loss_count += batch.nonempty
         train_loss = loss_sum / loss_count.clamp(min=1)  # (0 if every batch of the epoch was empty)
-        chunk = self.spec.backbone.eval_chunk if isinstance(self.spec, LPMSpec) else 200
+        chunk = self.spec.eval_chunk
         local_acc = batched_accuracy(self.data, sampled, lambda x: model_logits(x, params, self.spec), chunk)
         global_params = self.aggregate(idx, params)
         global_acc = local_acc if global_params is None else \

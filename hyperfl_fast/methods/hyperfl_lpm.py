@@ -10,13 +10,13 @@ private head.  A round, per client (the authors' ``resnet/`` and ``vit/`` code):
    psi and of v_i each clipped to ``grad_clip``; the head frozen;
 4. upload psi; the server averages the uploads weighted by data size.
 
-The client's private state: its embedding, its head and (ResNet) its adapters' BatchNorm running statistics.
-Deviations from the authors' code are listed in :mod:`hyperfl_fast.backbones` and the README; here: the
+The client's private state: its embedding and its head.  Deviations from the authors' code are listed in :mod:`hyperfl_fast.backbones` and the README; here: the
 ResNet head's ``Linear(512, 128)`` is trained with the classifier in the head phase (the authors' HyperFL-LPM
 puts it in no optimizer while their baselines train it).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable
 
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..backbones import STATS, LPMSpec, backbone_features, batched_logits, client_adapt, head_logits, init_backbone_model
+from ..backbones import LPMSpec, backbone_features, batched_logits, client_adapt, head_logits, init_backbone_model
 from ..engines import Engine
 from ..federation import accuracy
 from ..lockstep.data import RoundSchedule, StackedData
@@ -37,8 +37,8 @@ from .hyperfl import hypernet_from, hypernet_step
 
 
 class LPMClient(nn.Module):
-    """One client's HyperFL-LPM model: the shared frozen backbone, the hypernetwork, and the client's embedding,
-    head and adapter statistics.  Only :attr:`hypernet` ever leaves the client."""
+    """One client's HyperFL-LPM model: the shared frozen backbone, the hypernetwork, and the client's embedding
+    and head.  Only :attr:`hypernet` ever leaves the client."""
 
     def __init__(self, spec: LPMSpec, hypernet: HyperNetwork, private: State, copy: bool = True):
         super().__init__()
@@ -47,7 +47,6 @@ class LPMClient(nn.Module):
         self.embedding = nn.Parameter(own(private["embedding"]))
         self.head = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(own(private[k]))
                                       for k, _ in spec.head_shapes()})
-        self.stats = own(private[STATS]) if STATS in private else None
 
     def head_tensors(self) -> State:
         return {k: self.head[k.replace(".", "_")] for k, _ in self.spec.head_shapes()}
@@ -57,23 +56,20 @@ class LPMClient(nn.Module):
         return self.hypernet(self.embedding)
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``x`` (B, C, H, W); pass ``theta`` to reuse adapters generated earlier.  In ``train()`` mode
-        the adapters' BatchNorms use (and update) batch statistics, in ``eval()`` the running ones."""
+        """Logits for ``x`` (B, C, H, W); pass ``theta`` to reuse adapters generated earlier."""
         adapters = split_flat(self.generate() if theta is None else theta, self.spec.adapter_shapes())
-        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec, self.stats, self.training))
+        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec))
         return head_logits(features, self.head_tensors())
 
     def private(self) -> State:
-        state = {"embedding": self.embedding.detach().clone(),
-                 **{k: t.detach().clone() for k, t in self.head_tensors().items()}}
-        return state | ({STATS: self.stats.clone()} if self.stats is not None else {})
+        return {"embedding": self.embedding.detach().clone(),
+                **{k: t.detach().clone() for k, t in self.head_tensors().items()}}
 
 
 def train_lpm_client(model: LPMClient, data, cfg, round_idx: int) -> float:
     """Steps 2 and 3 of a client's round; returns the mean loss of its last epoch."""
     with torch.no_grad():
         theta = model.generate()  # (P,)
-    model.train()
     optimizer = sgd(model.head.parameters(), cfg, cfg.classifier_lr)
     for x, y in data.batches(cfg.batch_size, cfg.seed, round_idx, epoch=0):
         optimizer.zero_grad()
@@ -104,11 +100,9 @@ class HyperFLLPMLockstep(Engine):
         largest = max(c.num_train for c in clients)
         self.capacity = -(-largest // min(cfg.batch_size, largest)) * cfg.local_epochs
 
-    def logits(self, x: torch.Tensor, theta: torch.Tensor, head: State, stats: torch.Tensor | None,
-               training: bool, batch=None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, theta: torch.Tensor, head: State) -> torch.Tensor:
         """Every client's logits: x (N, B, C, H, W), theta (N, P) -> (N, B, classes)."""
-        return batched_logits(x, split_flat(theta, self.spec.adapter_shapes()), head, self.spec, stats, training,
-                              None if batch is None else batch.valid, None if batch is None else batch.active)
+        return batched_logits(x, split_flat(theta, self.spec.adapter_shapes()), head, self.spec)
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list:
@@ -117,7 +111,6 @@ class HyperFLLPMLockstep(Engine):
         psi = {k: t.detach() for k, t in self.hypernet.state_dict().items()}
         embedding = self.private["embedding"][idx]  # (N, E), trained in place
         head = {k: self.private[k][idx] for k, _ in spec.head_shapes()}
-        stats = self.private[STATS][idx] if STATS in self.private else None
         schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs + 1))
 
         # 2. head phase: every client's adapters from the received psi in one generation call, frozen
@@ -127,7 +120,7 @@ class HyperFLLPMLockstep(Engine):
         for batch in schedule.batches(0):
             for t in head.values():
                 t.requires_grad_()
-            losses = client_losses(self.logits(batch.x, theta, head, stats, True, batch), batch)
+            losses = client_losses(self.logits(batch.x, theta, head), batch)
             grads = torch.autograd.grad(losses.sum(), list(head.values()))
             with torch.no_grad():
                 head_sgd.step(list(grads), batch.active)
@@ -142,7 +135,7 @@ class HyperFLLPMLockstep(Engine):
             for batch in schedule.batches(epoch):
                 theta, hidden = hypernet.generate(embedding)
                 theta.requires_grad_()
-                losses = client_losses(self.logits(batch.x, theta, head, stats, True, batch), batch)
+                losses = client_losses(self.logits(batch.x, theta, head), batch)
                 (d_theta,) = torch.autograd.grad(losses, theta, hypernet.ones)
                 hypernet.sgd_step(d_theta, hidden, embedding, losses.detach(), batch.active, cfg.lr, cfg.momentum,
                                   cfg.weight_decay, cfg.grad_clip)
@@ -150,16 +143,14 @@ class HyperFLLPMLockstep(Engine):
 
         with torch.no_grad():
             local_theta, _ = hypernet.generate(embedding)
-        local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, local_theta, head, stats, False),
-                                     chunk=spec.backbone.eval_chunk)
+        local_acc = batched_accuracy(self.data, sampled, lambda x: self.logits(x, local_theta, head),
+                                     chunk=spec.eval_chunk)
 
         # 4. upload psi_n; the server's new psi is their weighted mean (nothing else leaves a client)
         self.hypernet.load_state_dict(hypernet.weighted_sum(self.data.weights(idx)))
         self.private["embedding"][idx] = embedding
         for k, t in head.items():
             self.private[k][idx] = t
-        if stats is not None:
-            self.private[STATS][idx] = stats
         return client_results(sampled, train_loss, local_acc, self.global_accuracy(sampled))
 
     @torch.no_grad()
@@ -170,9 +161,8 @@ class HyperFLLPMLockstep(Engine):
         theta = ops.generate_weights(self.private["embedding"][idx], hn.fc.weight, hn.fc.bias, hn.heads.weight,
                                      hn.heads.bias)
         head = {k: self.private[k][idx] for k, _ in self.spec.head_shapes()}
-        stats = self.private[STATS][idx] if STATS in self.private else None
-        return batched_accuracy(self.data, cids, lambda x: self.logits(x, theta, head, stats, False),
-                                chunk=self.spec.backbone.eval_chunk)
+        return batched_accuracy(self.data, cids, lambda x: self.logits(x, theta, head),
+                                chunk=self.spec.eval_chunk)
 
     def global_state(self) -> State:
         return detached(self.hypernet)
@@ -201,10 +191,10 @@ TABLE_2 = {
 @register
 class HyperFLLPM(Method):
     name = "hyperfl-lpm"
-    paper_row = 8  # not in Table 1: the paper's Table 2
+    paper_row = 8  # after Table 1's rows: its figures are the paper's Table 2 (TABLE_2)
     headline = "local_acc"
     uploads = "the hypernetwork"
-    keeps = "its embedding, head and adapter statistics"
+    keeps = "its embedding and head"
     needs_backbone = runs_on_backbones = True
     supports = frozenset({ATTACK})
     threat = "lpm-hypernetwork"
@@ -213,10 +203,10 @@ class HyperFLLPM(Method):
 
     def init_states(self, spec: LPMSpec, num_clients, cfg, device):
         """psi, then per client (one draw for all with the shared start, as the authors' deep copies): the head
-        (PyTorch's default init), fresh adapter statistics and the embedding (N(0, 1), as ``nn.Embedding``)."""
+        (PyTorch's default init) and the embedding (N(0, 1), as ``nn.Embedding``)."""
         hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params).to(device)
-        generated = {name for name, _ in spec.adapter_shapes()}
-        draws = [{**{k: t.to(device) for k, t in init_backbone_model(spec).items() if k not in generated},
+        head_only = dataclasses.replace(spec, adapters=False)  # (the adapters are generated)
+        draws = [{**{k: t.to(device) for k, t in init_backbone_model(head_only).items()},
                   "embedding": torch.randn(cfg.embed_dim).to(device)}
                  for _ in range(1 if cfg.client_init == "shared" else num_clients)]
         privates = [{k: t.clone() for k, t in draws[0 if len(draws) == 1 else c].items()} for c in range(num_clients)]
@@ -227,7 +217,7 @@ class HyperFLLPM(Method):
         loss = train_lpm_client(model, data, cfg, round_idx)  # 2., 3.
         upload = {k: t.detach().clone() for k, t in model.hypernet.state_dict().items()}
         return ClientUpdate(upload, model.private(), loss, accuracy(model, data.test_x, data.test_y,
-                                                                    chunk=spec.backbone.eval_chunk))  # 4.
+                                                                    chunk=spec.eval_chunk))  # 4.
 
     def predict(self, spec, global_state, private):
         return LPMClient(spec, hypernet_from(global_state, copy=False), private, copy=False).eval()

@@ -28,7 +28,7 @@ class Local(Method):
     def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
         model = cnn_from(spec, private)
         loss = train_full_model(model, data, cfg, round_idx)
-        return ClientUpdate({}, detached(model), loss, accuracy(model, data.test_x, data.test_y))  # no upload
+        return ClientUpdate({}, detached(model), loss, accuracy(model, data.test_x, data.test_y, spec.eval_chunk))
 
     def predict(self, spec, global_state, private):
         return cnn_from(spec, private, copy=False)  # no global model: a client's figure is its own model's

@@ -267,8 +267,8 @@ def dummy_classifier_simulation(spec: CNNSpec, theta: torch.Tensor):
 # --------------------------------------------------------------------------- HyperFL-LPM
 
 def lpm_features(images: torch.Tensor, theta: torch.Tensor, spec: LPMSpec) -> torch.Tensor:
-    """The frozen backbone with the adapters ``theta`` in training mode (batch statistics, none kept)."""
-    return backbone_features(images, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec, None, True))
+    """The frozen backbone with the adapters ``theta``: pooled features (B, D)."""
+    return backbone_features(images, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec))
 
 
 def lpm_scenario(spec: LPMSpec, psi: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
