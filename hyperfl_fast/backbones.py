@@ -223,7 +223,8 @@ def client_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec) -> Adapt:
 
     def vit(j: int, m: torch.Tensor) -> torch.Tensor:
         a, p = adapters, f"adapter{j}."
-        z = F.linear(F.relu(F.linear(m, a[p + "down.weight"], a[p + "down.bias"])), a[p + "up.weight"], a[p + "up.bias"])
+        z = F.relu(F.linear(m, a[p + "down.weight"], a[p + "down.bias"]))
+        z = F.linear(z, a[p + "up.weight"], a[p + "up.bias"])
         return m + F.layer_norm(z, z.shape[-1:], 1 + a[p + "norm.weight"], a[p + "norm.bias"], LN_EPS)
 
     return _pick(spec, resnet, vit)
@@ -259,7 +260,8 @@ def batched_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec, n: int) -> A
         rows = m.unflatten(0, (n, -1))  # (N, B, T, D)
         z = F.relu(ops.batched_linear(rows.flatten(1, 2), a[p + "down.weight"], a[p + "down.bias"]))
         z = ops.batched_linear(z, a[p + "up.weight"], a[p + "up.bias"])  # (N, B T, D)
-        z = F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * (1 + a[p + "norm.weight"][:, None]) + a[p + "norm.bias"][:, None]
+        z = F.layer_norm(z, z.shape[-1:], eps=LN_EPS)
+        z = z * (1 + a[p + "norm.weight"][:, None]) + a[p + "norm.bias"][:, None]
         return m + z.view(rows.shape).flatten(0, 1)
 
     return _pick(spec, resnet, vit)

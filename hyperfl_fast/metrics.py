@@ -28,15 +28,15 @@ def epsilon_note(cfg: Config) -> str:
                                                       "; keyed noise: NOT private")
 
 
+RANDOM_BACKBONE = "randomly initialised backbone (no --backbone-weights): not the paper's pre-trained setting"
+
+
 def backbone_claims(cfg: Config) -> dict | None:
     """What a backbone run's backbone is (None without one): for metrics.json; a random one is said loudly."""
     if cfg.backbone is None:
         return None
     return {"name": cfg.backbone, "weights": cfg.backbone_weights, "pretrained": cfg.backbone_weights is not None,
             **({} if cfg.backbone_weights else {"note": RANDOM_BACKBONE})}
-
-
-RANDOM_BACKBONE = "randomly initialised backbone (no --backbone-weights): not the paper's pre-trained setting"
 
 
 def write_metrics(out: Path, cfg: Config, rounds: list[dict], ops_stats: dict | None = None) -> None:

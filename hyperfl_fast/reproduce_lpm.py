@@ -50,7 +50,8 @@ def table2_markdown(finals: list[dict], settings: str) -> str:
     for row in finals:
         ours.setdefault((row["dataset"], row["backbone"], row["column"]), []).append(row["final"])
     lines = ["# HyperFL-LPM: the paper's Table 2, reproduced", "", settings, "",
-             "| dataset | backbone | " + " | ".join(TABLE_2_COLUMNS) + " |", "|---|---|" + "---|" * len(TABLE_2_COLUMNS)]
+             "| dataset | backbone | " + " | ".join(TABLE_2_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(TABLE_2_COLUMNS)]
     others = [k for k in dict.fromkeys((r["dataset"], r["backbone"]) for r in finals) if k not in TABLE_2]
     for dataset, backbone in [*TABLE_2, *others]:  # the paper's rows, then rows it does not have
         cells = []

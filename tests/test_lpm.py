@@ -256,7 +256,8 @@ def test_the_attack_cli_reads_the_adapters_off_an_lpm_upload_and_inverts_them(tm
 @pytest.mark.parametrize("flags,message", [
     (["--method", "hyperfl-lpm", "--backbone", "vit-tiny", "--checkpoint", "x.pt"],
      "--checkpoint: attacking a trained hyperfl-lpm run"),
-    (["--method", "fedavg", "--backbone", "vit-tiny"], "--backbone and --backbone-weights apply to --method hyperfl-lpm"),
+    (["--method", "fedavg", "--backbone", "vit-tiny"],
+     "--backbone and --backbone-weights apply to --method hyperfl-lpm"),
 ])
 def test_attack_cli_lpm_errors(flags, message, tmp_path, capsys):
     from hyperfl_fast.attack import main

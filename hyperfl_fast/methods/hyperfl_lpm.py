@@ -10,9 +10,9 @@ private head.  A round, per client (the authors' ``resnet/`` and ``vit/`` code):
    psi and of v_i each clipped to ``grad_clip``; the head frozen;
 4. upload psi; the server averages the uploads weighted by data size.
 
-The client's private state: its embedding and its head.  Deviations from the authors' code are listed in :mod:`hyperfl_fast.backbones` and the README; here: the
-ResNet head's ``Linear(512, 128)`` is trained with the classifier in the head phase (the authors' HyperFL-LPM
-puts it in no optimizer while their baselines train it).
+The client's private state: its embedding and its head.  Deviations from the authors' code are listed in
+:mod:`hyperfl_fast.backbones` and the README; here: the ResNet head's ``Linear(512, 128)`` is trained with the
+classifier in the head phase (the authors' HyperFL-LPM puts it in no optimizer while their baselines train it).
 """
 from __future__ import annotations
 
