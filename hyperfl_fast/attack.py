@@ -365,17 +365,17 @@ def hyperfl_lpm_scenario(args, num_classes: int, x: torch.Tensor, y: torch.Tenso
     """HyperFL-LPM's structure-aware attack (:func:`lpm_scenario`) on a client of a run at initialisation: the
     backbone (random from ``--seed`` or ``--backbone-weights``), psi and the client's embedding and head drawn as
     ``hyperfl_fast.train`` draws them; the client trains with the authors' lr for the backbone."""
-    cfg = Config(method="hyperfl-lpm", dataset=args.dataset, backbone=args.backbone or "resnet18", seed=args.seed,
-                 clients=1)
+    backbone = args.backbone or "resnet18"
+    cfg = Config(method="hyperfl-lpm", dataset=args.dataset, backbone=backbone, seed=args.seed, clients=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         try:
-            spec = lpm_spec(args.backbone or "resnet18", num_classes, x.device, args.backbone_weights)
+            spec = lpm_spec(backbone, num_classes, x.device, args.backbone_weights)
         except ImportError as exc:  # timm (or torchvision) missing
             raise ValueError(str(exc)) from None
     torch.manual_seed(args.seed)
     psi, privates = get_method("hyperfl-lpm").init_states(spec, 1, cfg, x.device)
-    training = LocalTraining(steps, lr=BACKBONES[args.backbone or "resnet18"].lr, clip=PAPER.grad_clip)
+    training = LocalTraining(steps, lr=BACKBONES[backbone].lr, clip=PAPER.grad_clip)
     return lpm_scenario(spec, psi, privates[0], x, y, training)
 
 

@@ -244,6 +244,12 @@ def head_logits(features: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.
     return F.linear(features, head["head.out.weight"], head["head.out.bias"])
 
 
+def client_logits(x: torch.Tensor, adapters: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                  spec: LPMSpec) -> torch.Tensor:
+    """One client's model: images (B, C, H, W), its adapters and head (unbatched) -> logits (B, K)."""
+    return head_logits(backbone_features(x, spec, client_adapt(adapters, spec)), head)
+
+
 # ---- every client at once (the lockstep engine): the backbone once over all clients' images ----
 def batched_adapt(adapters: dict[str, torch.Tensor], spec: LPMSpec, n: int) -> Adapt:
     """N clients' adapters (named tensors (N, ...)) as an :data:`Adapt` over their stacked images (N B, ...)."""
@@ -332,5 +338,4 @@ class BackboneModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         named = dict(self.named_parameters())
         adapters = {name: named[name] for name, _ in self.spec.adapter_shapes()}
-        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec))
-        return head_logits(features, named)
+        return client_logits(x, adapters, named, self.spec)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..backbones import LPMSpec, backbone_features, batched_logits, client_adapt, head_logits, init_backbone_model
+from ..backbones import LPMSpec, batched_logits, client_logits, init_backbone_model
 from ..engines import Engine
 from ..federation import accuracy
 from ..lockstep.data import RoundSchedule, StackedData
@@ -58,8 +58,7 @@ class LPMClient(nn.Module):
     def forward(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``x`` (B, C, H, W); pass ``theta`` to reuse adapters generated earlier."""
         adapters = split_flat(self.generate() if theta is None else theta, self.spec.adapter_shapes())
-        features = backbone_features(x, self.spec, client_adapt(adapters, self.spec))
-        return head_logits(features, self.head_tensors())
+        return client_logits(x, adapters, self.head_tensors(), self.spec)
 
     def private(self) -> State:
         return {"embedding": self.embedding.detach().clone(),
@@ -99,6 +98,16 @@ class HyperFLLPMLockstep(Engine):
         self.private = {k: torch.stack([p[k] for p in privates]) for k in privates[0]}  # every client's, (Nc, ...)
         largest = max(c.num_train for c in clients)
         self.capacity = -(-largest // min(cfg.batch_size, largest)) * cfg.local_epochs
+        self.hypernet_n: LockstepHypernetwork | None = None  # the sampled clients' psi_n (round_hypernetwork)
+
+    def round_hypernetwork(self, n: int) -> LockstepHypernetwork:
+        """psi_n for ``n`` sampled clients: allocated at the first round with n (its factors hold capacity x P
+        values per client, gigabytes for ResNet-18's adapters) and reset by ``start`` every round."""
+        if self.hypernet_n is None or self.hypernet_n.fc_w.shape[0] != n:
+            self.hypernet_n = LockstepHypernetwork(n, self.cfg.embed_dim, self.cfg.hidden_dim,
+                                                   self.spec.num_feature_params, self.capacity,
+                                                   self.hypernet.fc.weight.device, self.hypernet.fc.weight.dtype)
+        return self.hypernet_n
 
     def logits(self, x: torch.Tensor, theta: torch.Tensor, head: State) -> torch.Tensor:
         """Every client's logits: x (N, B, C, H, W), theta (N, P) -> (N, B, classes)."""
@@ -117,9 +126,9 @@ class HyperFLLPMLockstep(Engine):
         theta = ops.generate_weights(embedding, psi["fc.weight"], psi["fc.bias"], psi["heads.weight"],
                                      psi["heads.bias"])  # (N, P)
         head_sgd = StackedSGD(list(head.values()), cfg.classifier_lr, cfg.momentum, cfg.weight_decay)
+        for t in head.values():
+            t.requires_grad_()
         for batch in schedule.batches(0):
-            for t in head.values():
-                t.requires_grad_()
             losses = client_losses(self.logits(batch.x, theta, head), batch)
             grads = torch.autograd.grad(losses.sum(), list(head.values()))
             with torch.no_grad():
@@ -127,8 +136,7 @@ class HyperFLLPMLockstep(Engine):
         head = {k: t.detach() for k, t in head.items()}
 
         # 3. hypernetwork phase: psi_n and v_n in lockstep through the adapters, the head frozen
-        hypernet = LockstepHypernetwork(len(sampled), cfg.embed_dim, cfg.hidden_dim, spec.num_feature_params,
-                                        self.capacity, embedding.device, embedding.dtype)
+        hypernet = self.round_hypernetwork(len(sampled))
         hypernet.start(psi)
         for epoch in progress(range(1, cfg.local_epochs + 1)):
             hypernet.new_epoch()

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call
 
-from ..backbones import LPMSpec, backbone_features, client_adapt, head_logits
+from ..backbones import LPMSpec, client_logits
 from ..models import CNNSpec, HyperNetwork, TargetCNN, extract_features, split_flat, split_theta
 from .attacks import LocalTraining, Params, Unknowns, infer_labels, local_update, soft_cross_entropy
 
@@ -266,9 +266,9 @@ def dummy_classifier_simulation(spec: CNNSpec, theta: torch.Tensor):
 
 # --------------------------------------------------------------------------- HyperFL-LPM
 
-def lpm_features(images: torch.Tensor, theta: torch.Tensor, spec: LPMSpec) -> torch.Tensor:
-    """The frozen backbone with the adapters ``theta``: pooled features (B, D)."""
-    return backbone_features(images, spec, client_adapt(split_flat(theta, spec.adapter_shapes()), spec))
+def lpm_logits(images: torch.Tensor, theta: torch.Tensor, head: Params, spec: LPMSpec) -> torch.Tensor:
+    """The frozen backbone with the adapters ``theta`` (flat) and a head: logits (B, K)."""
+    return client_logits(images, split_flat(theta, spec.adapter_shapes()), head, spec)
 
 
 def lpm_scenario(spec: LPMSpec, psi: Params, private: Params, x: torch.Tensor, y: torch.Tensor,
@@ -284,7 +284,7 @@ def lpm_scenario(spec: LPMSpec, psi: Params, private: Params, x: torch.Tensor, y
 
     def loss_fn(p: Params, images, targets):
         theta = functional_call(hypernet, {k: p[k] for k in HYPER_KEYS}, (p["embedding"],))
-        return soft_cross_entropy(head_logits(lpm_features(images, theta, spec), p), targets)
+        return soft_cross_entropy(lpm_logits(images, theta, p, spec), targets)
 
     trainable = {**{k: t.clone().requires_grad_() for k, t in psi.items()},
                  "embedding": private["embedding"].clone().requires_grad_()}
@@ -297,7 +297,7 @@ def lpm_scenario(spec: LPMSpec, psi: Params, private: Params, x: torch.Tensor, y
     def simulate(images, targets, extras):
         leaf = theta_est.clone().requires_grad_()
         with sdpa_kernel(SDPBackend.MATH):  # (a ViT's fused attention has no second derivative)
-            loss = soft_cross_entropy(head_logits(lpm_features(images, leaf, spec), extras), targets)
+            loss = soft_cross_entropy(lpm_logits(images, leaf, extras, spec), targets)
             return list(torch.autograd.grad(loss, [leaf], create_graph=True))
 
     unknowns = {}
