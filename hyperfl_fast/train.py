@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-noise", default=d.dp_noise,
                    help="DP methods: secure (each client's noise from a generator seeded by the OS: private) or keyed "
                         "(reproducible from --seed, for checks and simulation: NOT private)")
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="client embedding size")
-    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hypernetwork hidden size")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="client embedding size (pfedhn: 1 + N/4, fixed)")
+    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hypernetwork hidden size (pfedhn: 100, fixed)")
     p.add_argument("--client-init", default=d.client_init,
                    help=f"one of: {', '.join(CLIENT_INITS)} (shared: every client starts from one embedding and "
                         "classifier draw, as the authors' code; independent: one draw per client, a deviation)")

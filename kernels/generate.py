@@ -124,18 +124,19 @@ def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class GenerateWeights(torch.autograd.Function):
-    """theta (N, P) = heads(ReLU(fc(v))) with Triton kernels; shared or per-client weights."""
+    """theta (N, P) = heads(ReLU(fc(v))) (``relu``; else heads(fc(v))) with Triton kernels; shared or per-client
+    weights."""
 
     @staticmethod
-    def forward(ctx, embeddings, fc_weight, fc_bias, head_weight, head_bias, precision: str):
-        hidden = gemv(fc_weight, embeddings, fc_bias, relu=True)  # (N, H)
+    def forward(ctx, embeddings, fc_weight, fc_bias, head_weight, head_bias, relu: bool, precision: str):
+        hidden = gemv(fc_weight, embeddings, fc_bias, relu=relu)  # (N, H)
         if head_weight.dim() == 2:  # shared: one GEMM, head matrix read once
             theta = bmm(hidden.unsqueeze(0), head_weight.t().unsqueeze(0), head_bias.unsqueeze(0),
                         precision=precision).squeeze(0)
         else:  # per client: batched GEMV
             theta = gemv(head_weight, hidden, head_bias)
         ctx.save_for_backward(embeddings, fc_weight, head_weight, hidden)
-        ctx.precision = precision
+        ctx.precision, ctx.relu = precision, relu
         return theta
 
     @staticmethod
@@ -143,7 +144,9 @@ class GenerateWeights(torch.autograd.Function):
         embeddings, fc_weight, head_weight, hidden = ctx.saved_tensors
         d_theta = d_theta.contiguous()
         shared = head_weight.dim() == 2
-        d_hidden = gemv_t(head_weight, d_theta) * (hidden > 0)  # (N, H), through the ReLU
+        d_hidden = gemv_t(head_weight, d_theta)  # (N, H)
+        if ctx.relu:
+            d_hidden = d_hidden * (hidden > 0)  # through the ReLU
         d_head_w = d_head_b = d_fc_w = d_fc_b = d_emb = None
         if ctx.needs_input_grad[3]:
             d_head_w = (bmm(d_theta.t().unsqueeze(0), hidden.unsqueeze(0), precision=ctx.precision).squeeze(0)
@@ -157,4 +160,4 @@ class GenerateWeights(torch.autograd.Function):
             d_fc_b = d_hidden.sum(0) if shared_fc else d_hidden
         if ctx.needs_input_grad[0]:
             d_emb = d_hidden @ fc_weight if shared_fc else torch.bmm(d_hidden.unsqueeze(1), fc_weight).squeeze(1)
-        return d_emb, d_fc_w, d_fc_b, d_head_w, d_head_b, None
+        return d_emb, d_fc_w, d_fc_b, d_head_w, d_head_b, None, None

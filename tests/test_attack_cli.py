@@ -56,8 +56,10 @@ def test_attack_reads_either_engines_checkpoint(method, engine, tmp_path):
         assert torch.equal(fedavg_model.fc1.weight.detach(), want)
     elif method.startswith("pfedhn"):  # the CNN the server generates for client 1 (and its own classifier)
         server, spec = saved["global"], cnn_spec(1, 10)
-        theta = torch.relu(server["embeddings"][1] @ server["fc.weight"].T + server["fc.bias"]) \
-            @ server["heads.weight"].T + server["heads.bias"]
+        hidden = server["embeddings"][1]
+        for layer in ("trunk.0", "trunk.1", "trunk.2"):  # pFedHN's hypernetwork: 3 layers with a ReLU, then 2 without
+            hidden = torch.relu(hidden @ server[f"{layer}.weight"].T + server[f"{layer}.bias"])
+        theta = (hidden @ server["fc.weight"].T + server["fc.bias"]) @ server["heads.weight"].T + server["heads.bias"]
         assert torch.allclose(fedavg_model.conv1.weight.detach().flatten(), theta[:spec.convs[0].out_channels * 25])
         want = saved["clients"][1]["fc2.weight"] if method == "pfedhn-pc" else \
             theta[spec.num_feature_params:spec.num_feature_params + 10 * spec.hidden].view(10, spec.hidden)

@@ -7,17 +7,18 @@ The server holds the hypernetwork psi and one embedding e_i per client; neither 
 2. the client trains theta_i (and its classifier) for ``local_epochs`` epochs and uploads the change
    delta theta_i = theta_i - theta~_i;
 3. for each upload in turn the server takes one SGD step on (psi, e): the gradient is the vector-Jacobian
-   product (d theta_i / d(psi, e))^T delta theta_i at the psi that generated theta_i, clipped to
-   ``--grad-clip``.  The server's optimizer (momentum) lives for the whole run.
+   product (d theta_i / d(psi, e))^T delta theta_i at the psi that generated theta_i, clipped to 50.  The
+   server's optimizer (momentum) lives for the whole run.
 
 Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, unless stated):
 
 - client optimizer: SGD, lr 5e-3, momentum 0.9, weight decay 5e-5 (``--inner-lr``, ``--inner-wd``), gradient
   norm clipped to 50; pFedHN-PC's classifier: the same SGD, without clipping, its momentum kept between rounds
   (pFedHN-PC's per-node optimizer).  These are fixed (:data:`SETTINGS`): ``--lr``, ``--momentum``,
-  ``--weight-decay`` and ``--grad-clip`` are the other methods' settings;
-- server optimizer: SGD, lr 1e-2 for psi and the embeddings, momentum 0.9, weight decay 1e-3 (``--lr``,
-  ``--embed-lr``, ``--wd``), gradient norm of (psi, all embeddings) clipped to 50;
+  ``--weight-decay``, ``--grad-clip``, ``--embed-dim`` and ``--hidden-dim`` are the other methods' settings;
+- server optimizer: SGD, lr 1e-2 for psi and the embeddings (pFedHN-PC's trainer: 5e-2, :data:`PC_SETTINGS`),
+  momentum 0.9, weight decay 1e-3 (``--lr``, ``--embed-lr``, ``--wd``), gradient norm of (psi, all embeddings)
+  clipped to 50;
 - local training: ``--local-epochs`` epochs of ``--batch-size`` batches, the setting the HyperFL paper uses for
   every method (pFedHN samples 50 batches of 64 with replacement);
 - rounds: the sampled clients train in parallel from the round's psi (HyperFL's federated rounds); the server
@@ -28,14 +29,19 @@ Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, un
 - the initial psi and embeddings come from the run's seed, as every initial state of this package does (a
   Flower node draws them too, to start from the same state): they are not secret, what training makes of them
   never leaves the server;
-- the hypernetwork is this package's (``--embed-dim`` 64, ``--hidden-dim`` 128, one hidden layer with ReLU,
-  then one linear head per tensor), so the lockstep engine generates every sampled client's weights with the
-  package's generation op; pFedHN's own has 3 hidden layers of 100 units and embeddings of 1 + N/4;
+- the hypernetwork is pFedHN's (``CNNHyper``: ``--embed-dim -1``, ``--hyper-hid 100``, ``--n-hidden 3``):
+  embeddings of 1 + N/4 values, Linear(E, 100), 3 x [ReLU, Linear(100, 100)], and the heads straight from the
+  last linear layer, no activation between (one Linear(100, P) here, one per tensor there: the same init).  The
+  lockstep engine runs the three first layers in torch and the last two (the heads: nearly all of the work)
+  with the package's generation op, ``relu=False``.  With HyperFL's hypernetwork instead (one hidden layer of
+  128 with a ReLU before the heads, embeddings of 64) pFedHN ended 4.3 points lower on Fashion-MNIST
+  (benchmarks/RESULTS.md, 2026-12-07);
 - the embeddings are drawn N(0, 1) per client (``nn.Embedding``); pFedHN-PC's classifiers follow
   ``--client-init``; uploads are not weighted by data size (one server step per client).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -50,41 +56,70 @@ from ..federation import ClientData, ClientResult, accuracy
 from ..lockstep.data import RoundSchedule, StackedData
 from ..lockstep.evaluation import batched_accuracy, client_losses, client_results, cnn_logits
 from ..lockstep.optim import StackedSGD
-from ..models import CNNSpec, HyperNetwork, join_flat, split_flat
-from ..ops.generate import reference as generate_reference
+from ..models import CNNSpec, join_flat, split_flat
 from ..ops.sgd import SGD
 from .base import ATTACK, ClientUpdate, Method, State, detached, register
 from .full_model import cnn_from
 
-HYPER_KEYS = ("fc.weight", "fc.bias", "heads.weight", "heads.bias")
-SERVER_KEYS = HYPER_KEYS + ("embeddings",)  # the server's parameters; each has a momentum buffer "momentum.<key>"
-CLASSIFIER_KEYS = ("fc2.weight", "fc2.bias")  # pfedhn-pc: private, with "momentum.<key>"
-
-
 @dataclass(frozen=True)
 class PFedHNSettings:
-    """pFedHN's optimizer settings (its code's defaults; see the module docs)."""
+    """pFedHN's optimizer and hypernetwork settings (its code's defaults; see the module docs)."""
 
     client_lr: float = 5e-3
     client_momentum: float = 0.9
     client_weight_decay: float = 5e-5
-    server_lr: float = 1e-2
+    server_lr: float = 1e-2  # pfedhn/trainer.py's --lr (pfedhn_pc/trainer.py's: 5e-2, PC_SETTINGS)
     server_momentum: float = 0.9
     server_weight_decay: float = 1e-3
     grad_clip: float = 50.0  # the client's and the server's gradient norm bound
+    hidden_dim: int = 100  # --hyper-hid
+    hidden_layers: int = 3  # --n-hidden: Linear(E, H), then 3 x [ReLU, Linear(H, H)]
+
+    def embed_dim(self, num_clients: int) -> int:
+        """--embed-dim -1: 1 + N/4."""
+        return int(1 + num_clients / 4)
 
 
 SETTINGS = PFedHNSettings()
+PC_SETTINGS = dataclasses.replace(SETTINGS, server_lr=5e-2)
+
+# The hypernetwork: trunk.0 .. trunk.{L-1} (each followed by a ReLU), then fc and the heads with no ReLU between.
+TRUNK_KEYS = tuple(f"trunk.{i}.{p}" for i in range(SETTINGS.hidden_layers) for p in ("weight", "bias"))
+HYPER_KEYS = TRUNK_KEYS + ("fc.weight", "fc.bias", "heads.weight", "heads.bias")
+SERVER_KEYS = HYPER_KEYS + ("embeddings",)  # the server's parameters; each has a momentum buffer "momentum.<key>"
+CLASSIFIER_KEYS = ("fc2.weight", "fc2.bias")  # pfedhn-pc: private, with "momentum.<key>"
 
 
 def momentum_key(key: str) -> str:
     return f"momentum.{key}"
 
 
-def generate(server: State, embedding: torch.Tensor) -> torch.Tensor:
-    """theta (P,) = heads(ReLU(fc(e))) for one embedding (E,): the generation op's reference path (plain torch,
-    differentiable in every input)."""
-    return generate_reference(embedding[None], *(server[k] for k in HYPER_KEYS))[0]
+def trunk(server: State, embeddings: torch.Tensor) -> torch.Tensor:
+    """The hypernetwork's first layers: (..., E) -> (..., H), a ReLU after each."""
+    x = embeddings
+    for i in range(SETTINGS.hidden_layers):
+        x = F.relu(F.linear(x, server[f"trunk.{i}.weight"], server[f"trunk.{i}.bias"]))
+    return x
+
+
+def generate(server: State, embeddings: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """theta (N, P) = heads(fc(trunk(e))) for embeddings (N, E): the trunk in plain torch, its last two linear
+    layers (the heads read P values per hidden unit: nearly all of the work) with the generation op, on ``path``
+    (differentiable in every input on every path)."""
+    return ops.generate_weights(trunk(server, embeddings), server["fc.weight"], server["fc.bias"],
+                                server["heads.weight"], server["heads.bias"], path=path, relu=False)
+
+
+def init_hypernetwork(num_clients: int, num_params: int, device: torch.device) -> State:
+    """pFedHN's hypernetwork (PyTorch's default Linear init; pFedHN's one Linear per target tensor draws each head
+    from the same distribution as this one Linear(H, P)) and the clients' embeddings, N(0, 1) as nn.Embedding's."""
+    e, h = SETTINGS.embed_dim(num_clients), SETTINGS.hidden_dim
+    layers = [torch.nn.Linear(e if i == 0 else h, h) for i in range(SETTINGS.hidden_layers)]
+    layers += [torch.nn.Linear(h, h), torch.nn.Linear(h, num_params)]
+    tensors = [t for layer in layers for t in (layer.weight, layer.bias)]
+    server = {k: t.detach().to(device) for k, t in zip(HYPER_KEYS, tensors)}
+    server["embeddings"] = torch.randn(num_clients, e).to(device)
+    return server
 
 
 def client_sgd(params) -> SGD:
@@ -92,19 +127,19 @@ def client_sgd(params) -> SGD:
                weight_decay=SETTINGS.client_weight_decay)
 
 
-def server_steps(server: State, grads: list[dict[str, torch.Tensor]]) -> State:
+def server_steps(server: State, grads: list[dict[str, torch.Tensor]], settings: PFedHNSettings) -> State:
     """The server's SGD steps, one per client gradient in turn (clipped over all of its tensors), with
     the momentum buffers the state carries; returns the new state.  ``torch.optim.SGD``'s arithmetic: the
     reference path."""
     params = {k: torch.nn.Parameter(server[k].detach().clone()) for k in SERVER_KEYS}
-    optimizer = SGD(list(params.values()), lr=SETTINGS.server_lr, momentum=SETTINGS.server_momentum,
-                    weight_decay=SETTINGS.server_weight_decay)
+    optimizer = SGD(list(params.values()), lr=settings.server_lr, momentum=settings.server_momentum,
+                    weight_decay=settings.server_weight_decay)
     for k, p in params.items():  # a zero buffer gives SGD's first step (buf = d) exactly
         optimizer.state[p]["momentum_buffer"] = server[momentum_key(k)].detach().clone()
     for grad in grads:
         for k, p in params.items():
             p.grad = grad[k]
-        torch.nn.utils.clip_grad_norm_(list(params.values()), SETTINGS.grad_clip)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
         optimizer.step()
     return {**{k: p.detach() for k, p in params.items()},
             **{momentum_key(k): optimizer.state[p]["momentum_buffer"] for k, p in params.items()}}
@@ -127,9 +162,7 @@ class PFedHNLockstep(Engine):
 
     def generate(self, idx: torch.Tensor) -> torch.Tensor:
         """theta (N, P) of clients ``idx`` from the server's current state, with the generation op."""
-        s = self.server
-        return ops.generate_weights(s["embeddings"][idx], s["fc.weight"], s["fc.bias"], s["heads.weight"],
-                                    s["heads.bias"])
+        return generate(self.server, self.server["embeddings"][idx])
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
@@ -175,23 +208,32 @@ class PFedHNLockstep(Engine):
         """One server step per client (in ``idx``'s order) with the gradient J^T delta at the round's psi, all of
         them at once.
 
-        Gradients: for theta = W2 ReLU(W1 e + b1) + b2, dW2 = delta h^T, db2 = delta, dh = (W2^T delta) *
-        [W1 e + b1 > 0], dW1 = dh e^T, db1 = dh, de = W1^T dh; the norm of a rank-one product is the product of the
-        norms, so the clip needs no gradient formed.  Steps: SGD with momentum and weight decay is linear in
-        (w, buf): one step is (w, buf) <- M (w, buf) + u g with M = [[1 - lr wd, -lr mu], [wd, mu]] and
-        u = (-lr, 1), so after the round's K steps (w, buf) = M^K (w0, buf0) + sum_k M^(K-1-k) u g_k: the weighted
-        sums of the rank-one head gradients are (P x N) x (N x H) products (one into w, one into buf) instead of K
-        passes over the heads.
+        Gradients: theta = W z + b with z = fc(trunk(e)) (N, H), so each head's gradient is rank one, dW = delta
+        z^T, db = delta, and dz = W^T delta; the trunk's, fc's and the embedding's per-client gradients are dz's
+        vector-Jacobian products through the small MLP (``torch.func.vmap``).  The norm of a rank-one product is
+        the product of the norms, so the clip needs no head gradient formed.  Steps: SGD with momentum and weight
+        decay is linear in (w, buf): one step is (w, buf) <- M (w, buf) + u g with M = [[1 - lr wd, -lr mu],
+        [wd, mu]] and u = (-lr, 1), so after the round's K steps (w, buf) = M^K (w0, buf0) + sum_k M^(K-1-k) u g_k:
+        the weighted sums of the rank-one head gradients are (P x N) x (N x H) products (one into w, one into buf)
+        instead of K passes over the heads.
         """
-        s, lr, mu, wd = self.server, SETTINGS.server_lr, SETTINGS.server_momentum, SETTINGS.server_weight_decay
+        st = self.method.settings
+        s, lr, mu, wd = self.server, st.server_lr, st.server_momentum, st.server_weight_decay
+        small = [k for k in SERVER_KEYS if k not in ("heads.weight", "heads.bias", "embeddings")]
         e = s["embeddings"][idx]  # (N, E), the round's
-        pre = F.linear(e, s["fc.weight"], s["fc.bias"])  # (N, H)
-        h = F.relu(pre)
-        dh = (delta @ s["heads.weight"]) * (pre > 0)  # (N, H)
-        de = dh @ s["fc.weight"]  # (N, E)
-        sq = delta.pow(2).sum(1)
-        norms = (sq * (h.pow(2).sum(1) + 1) + dh.pow(2).sum(1) * (e.pow(2).sum(1) + 1) + de.pow(2).sum(1)).sqrt()
-        scale = (SETTINGS.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # (N,) clip_grad_norm_ per client
+
+        def features(params: State, embedding: torch.Tensor) -> torch.Tensor:  # (E,) -> (H,): what the heads read
+            return F.linear(trunk(params, embedding), params["fc.weight"], params["fc.bias"])
+
+        def pullback(embedding: torch.Tensor, dz: torch.Tensor):
+            return torch.func.vjp(features, {k: s[k] for k in small}, embedding)[1](dz)
+
+        z = features(s, e)  # (N, H)
+        dz = delta @ s["heads.weight"]  # (N, H)
+        grads, de = torch.func.vmap(pullback)(e, dz)  # {key: (N, *shape)}, (N, E)
+        sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+        norms = (delta.pow(2).sum(1) * (z.pow(2).sum(1) + 1) + sq + de.pow(2).sum(1)).sqrt()
+        scale = (st.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # (N,) clip_grad_norm_ per client
         step = torch.tensor([[1 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64)
         weights, v = [], torch.tensor([-lr, 1.0], dtype=torch.float64)
         for _ in range(len(idx)):  # M^(K-1-k) u for k = K-1 down to 0
@@ -204,15 +246,13 @@ class PFedHNLockstep(Engine):
             summed = []
             for a in (weights[:, 0] * scale, weights[:, 1] * scale):  # (N,): into w, into buf
                 if key == "heads.weight":
-                    summed.append((delta * a[:, None]).t() @ h)  # (P, H)
-                elif key == "fc.weight":
-                    summed.append((dh * a[:, None]).t() @ e)  # (H, E)
+                    summed.append((delta * a[:, None]).t() @ z)  # (P, H)
                 elif key == "heads.bias":
                     summed.append(a @ delta)
-                elif key == "fc.bias":
-                    summed.append(a @ dh)
-                else:  # the embeddings: each client's gradient in its own row (weight decay reaches every row)
+                elif key == "embeddings":  # each client's gradient in its own row (weight decay reaches every row)
                     summed.append(torch.zeros_like(w).index_add_(0, idx, de * a[:, None]))
+                else:
+                    summed.append(torch.tensordot(a, grads[key], dims=1))
             w0 = w.clone()
             w.mul_(total[0][0]).add_(buf, alpha=total[0][1]).add_(summed[0])
             buf.mul_(total[1][1]).add_(w0, alpha=total[1][0]).add_(summed[1])
@@ -240,7 +280,8 @@ class PFedHN(Method):
     keeps = ""  # its embedding lives on the server
     supports = frozenset({ATTACK})
     threat = "full-model"  # the server knows theta_i (it generated it) and sees its change
-    step_flags = ("local_epochs",)  # its optimizer settings are fixed (SETTINGS)
+    step_flags = ("local_epochs",)  # its optimizer settings are fixed (settings)
+    settings = SETTINGS
     client_optimizer = {"lr": SETTINGS.client_lr, "momentum": SETTINGS.client_momentum,
                         "weight_decay": SETTINGS.client_weight_decay, "clip": SETTINGS.grad_clip}
     paper = {  # Table 1
@@ -259,15 +300,14 @@ class PFedHN(Method):
         return [{} for _ in range(num_clients)]
 
     def init_states(self, spec, num_clients, cfg, device):
-        hypernet = HyperNetwork(cfg.embed_dim, cfg.hidden_dim,
-                                sum(math.prod(shape) for _, shape in self.generated_shapes(spec)))
-        server = {**detached(hypernet.to(device)), "embeddings": torch.randn(num_clients, cfg.embed_dim).to(device)}
+        server = init_hypernetwork(num_clients, sum(math.prod(shape) for _, shape in self.generated_shapes(spec)),
+                                   device)
         server.update({momentum_key(k): torch.zeros_like(server[k]) for k in SERVER_KEYS})
         return server, self.init_private(spec, num_clients, cfg, device)
 
     def send(self, spec, global_state, cid):
         """theta_cid = h(e_cid; psi) as named tensors: all the client receives."""
-        theta = generate(global_state, global_state["embeddings"][cid])
+        theta = generate(global_state, global_state["embeddings"][cid][None], path="reference")[0]
         return split_flat(theta.detach(), self.generated_shapes(spec))
 
     def client_update(self, spec, global_state, private, data, cfg, round_idx, noise=None):
@@ -302,10 +342,10 @@ class PFedHN(Method):
         grads = []
         for upload, cid in zip(uploads, cids):
             leaves = {k: global_state[k].detach().clone().requires_grad_() for k in SERVER_KEYS}
-            theta = generate(leaves, leaves["embeddings"][cid])
+            theta = generate(leaves, leaves["embeddings"][cid][None], path="reference")[0]
             delta = torch.cat([t.flatten() for t in upload.values()])  # in theta's order, as sent
             grads.append(dict(zip(SERVER_KEYS, torch.autograd.grad(theta, list(leaves.values()), delta))))
-        return server_steps(global_state, grads) if grads else global_state
+        return server_steps(global_state, grads, self.settings) if grads else global_state
 
     def predict(self, spec, global_state, private):
         return cnn_from(spec, {**global_state, **{k: private[k] for k in CLASSIFIER_KEYS if k in private}},
@@ -321,6 +361,7 @@ class PFedHNPC(PFedHN):
     keeps = "its classifier"
     threat = "representation"  # the server knows the feature extractor it sent, not the classifier
     paper = {}  # Table 1 has no pFedHN-PC row (Table 3 does)
+    settings = PC_SETTINGS  # pfedhn_pc/trainer.py: the server's lr is 5e-2
 
     def generated_shapes(self, spec):
         """What the hypernetwork generates: the feature extractor (theta, as HyperFL's)."""
