@@ -1,8 +1,8 @@
 """pFedHN's own training loop on this package's Fashion-MNIST split: which of its settings the gap comes from.
 
-Issue 20 asks why ``--method pfedhn`` ends 4.3 points under the HyperFL paper's 87.64% (benchmarks/RESULTS.md).
-The package runs pFedHN inside federated rounds with its own hypernetwork.  This script is a small,
-independent rendering of pFedHN's own loop (Shamsian et al., ``experiments/pfedhn/trainer.py``):
+Issue 20 asked why ``--method pfedhn`` ended 4.3 points under the HyperFL paper's 87.64% (benchmarks/RESULTS.md)
+when it ran pFedHN inside federated rounds with HyperFL's hypernetwork.  This script is a small, independent
+rendering of pFedHN's own loop (Shamsian et al., ``experiments/pfedhn/trainer.py``):
 
 - each server step samples one client at random, generates its whole CNN, and trains it for ``--inner-steps``
   batches of ``--batch-size``, each drawn from a fresh shuffle of the client's data (pFedHN draws
@@ -11,11 +11,10 @@ independent rendering of pFedHN's own loop (Shamsian et al., ``experiments/pfedh
   clipped to 50 over the hypernetwork and all embeddings; server SGD lr 1e-2, momentum 0.9, weight decay 1e-3;
 - the headline is pFedHN's: every client's *generated* model on its own test set, pooled.
 
-``--hypernet`` picks the generator:
-
-- ``package``: this package's (embedding 64, Linear(64, 128), ReLU, heads), as ``--method pfedhn`` uses;
-- ``pfedhn``: pFedHN's CNNHyper shape (embedding 1 + N/4, Linear(E, 100), then 3 x [ReLU, Linear(100, 100)],
-  then the heads straight from the last linear layer, with no activation before them).
+``--hypernet`` picks the generator (:data:`HYPERNETS`): ``package`` is the hypernetwork ``--method pfedhn`` used
+before 2026-12-07 (HyperFL's: embedding 64, Linear(64, 128), ReLU, heads), ``pfedhn`` pFedHN's CNNHyper
+(embedding 1 + N/4, Linear(E, 100), then 3 x [ReLU, Linear(100, 100)], then the heads with no activation before
+them; what ``--method pfedhn`` uses now), and the others one difference between the two at a time.
 
 Run on the CPU (one thread per job)::
 

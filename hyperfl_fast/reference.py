@@ -45,6 +45,9 @@ class ReferenceEngine(Engine):
                 weights.append(self.clients[cid].num_train)
                 senders.append(cid)
             local.append((cid, update.train_loss, update.local_acc))
+            if self.method.steps_per_client:  # the next client receives what this upload made of the state
+                self.shared = self.method.aggregate(self.shared, uploads, weights, senders)
+                uploads, weights, senders = [], [], []
         self.shared = self.method.aggregate(self.shared, uploads, weights, senders)
         epsilons = self.privacy.record_round(sampled) if self.privacy else [None] * len(sampled)
         return [ClientResult(cid, loss, acc, self.method.global_accuracy(self.spec, self.shared, self.private[cid],

@@ -93,6 +93,23 @@ def test_the_server_update_is_pfedhns(build, method, server_lr, float64):
                                / server_lr, rtol=1e-9, atol=1e-12)  # the first step: w -= lr * buf
 
 
+@pytest.mark.parametrize("method", ["pfedhn", "pfedhn-pc"])
+@pytest.mark.parametrize("build", [build_reference, build_batched], ids=["reference", "lockstep"])
+def test_a_round_steps_the_server_after_each_client(build, method, float64):
+    """pFedHN's loop: a round of clients 1 then 2 is client 1's step, then client 2 trained from the state that
+    step made (not from the round's first psi)."""
+    spec, clients = tiny_model(clients=3, local_size=30, test_size=8)
+    for c in clients:
+        c.train_x, c.test_x = c.train_x.double(), c.test_x.double()
+    cfg = Config(dataset="synthetic", method=method, clients=3, local_epochs=1, batch_size=10, device="cpu", seed=5)
+    together, apart = (build(spec, clients, cfg, torch.device("cpu")) for _ in range(2))
+    together.run_round(0, [1, 2])
+    apart.run_round(0, [1])
+    apart.run_round(0, [2])
+    for key, tensor in apart.global_state().items():
+        torch.testing.assert_close(together.global_state()[key], tensor, rtol=1e-9, atol=1e-12)
+
+
 def test_pfedhn_pc_uploads_no_classifier(tiny_config):
     from hyperfl_fast.methods import get_method
 

@@ -109,6 +109,9 @@ class Method(ABC):
     paper: ClassVar[dict[str, dict[int, float]]] = {}
     paper_seconds_per_round: ClassVar[float | None] = None  # Table 4: EMNIST, 20 clients, the authors' GPU
     lockstep: ClassVar[type]  # its engine that trains every sampled client at once (an Engine)
+    # the server updates its state after each upload (aggregate of that one), and the next client of the round
+    # receives what it made of it: the round's clients train one after the other (pFedHN's one client per step)
+    steps_per_client: ClassVar[bool] = False
     needs_backbone: ClassVar[bool] = False  # runs only on a frozen pre-trained backbone (--backbone; HyperFL-LPM)
     runs_on_backbones: ClassVar[bool] = False  # may run on one (--backbone), else on the paper's small CNN
     # the client's SGD settings where they are the method's own, not --lr/--momentum/--weight-decay (pFedHN):

@@ -21,11 +21,12 @@ Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, un
   clipped to 50;
 - local training: ``--local-epochs`` epochs of ``--batch-size`` batches, the setting the HyperFL paper uses for
   every method (pFedHN samples 50 batches of 64 with replacement);
-- rounds: the sampled clients train in parallel from the round's psi (HyperFL's federated rounds); the server
-  steps once per client (pFedHN's one step per client), in the sampled order, so 200 rounds of 20 clients take
-  4,000 server steps (pFedHN: 5,000).  All of a round's steps use gradients taken at the round's psi, where
-  pFedHN regenerates theta after every step; with its momentum 0.9 the first rounds overshoot (a loss spike in
-  round 2 on Fashion-MNIST, benchmarks/RESULTS.md);
+- rounds: pFedHN's loop.  A round's sampled clients train one after the other, in the sampled order; each
+  receives the theta generated after the previous client's server step (``steps_per_client``), so 200 rounds
+  of 20 clients are 4,000 server steps (pFedHN: 5,000 steps of one random client).  Training a round's clients
+  in parallel from one psi and then stepping once per upload (this package until 2026-12-07) takes 20 steps
+  on gradients of one psi with momentum 0.9: with pFedHN's hypernetwork it diverged within 4 rounds on
+  Fashion-MNIST (benchmarks/RESULTS.md);
 - the initial psi and embeddings come from the run's seed, as every initial state of this package does (a
   Flower node draws them too, to start from the same state): they are not secret, what training makes of them
   never leaves the server;
@@ -146,11 +147,11 @@ def server_steps(server: State, grads: list[dict[str, torch.Tensor]], settings: 
 
 
 class PFedHNLockstep(Engine):
-    """pFedHN in lockstep: the results of :meth:`PFedHN.client_update` and :meth:`PFedHN.aggregate` client by
-    client.  The package's generation op makes every sampled client's theta at once; the clients train as
-    stacked tensors; the server's per-client gradients come in closed form (each head's gradient is the outer
-    product delta_theta h^T, never formed) and its one step per client is applied as one linear map for the
-    round (:meth:`server_update`)."""
+    """pFedHN's engine on stacked tensors: the results of :meth:`PFedHN.client_update` and
+    :meth:`PFedHN.aggregate` client by client.  pFedHN's loop makes a round's clients train one after the other
+    (:meth:`train_and_step` on groups of one); what runs batched is the final evaluation, whose generation op
+    makes every sampled client's theta at once, and the server step, whose head gradients come in closed form
+    (the outer product delta z^T, never formed; :meth:`server_update`, written for a group of any size)."""
 
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         super().__init__(method, spec, clients, cfg)
@@ -166,8 +167,21 @@ class PFedHNLockstep(Engine):
 
     def run_round(self, round_idx: int, sampled: list[int],
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
-        cfg, n = self.cfg, len(sampled)
+        """pFedHN's loop: one client after the other, each sent what the server generates after the previous
+        client's step (:meth:`train_and_step`); then every sampled client's generated model is evaluated."""
+        losses, local_accs = zip(*(self.train_and_step(round_idx, [cid]) for cid in progress(sampled)))
         idx = torch.tensor(sampled, device=self.data.train_y.device)
+        head = {k: self.private[k][idx] for k in CLASSIFIER_KEYS if k in self.private}
+        with torch.no_grad():
+            generated = split_flat(self.generate(idx), self.shapes)
+        global_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, {**generated, **head}, self.spec))
+        return client_results(sampled, torch.cat(losses), torch.cat(local_accs), global_acc)
+
+    def train_and_step(self, round_idx: int, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clients ``group`` (stacked) receive theta from the server's current state, train it, and the server
+        steps once per client: (train loss, local accuracy), each (len(group),)."""
+        cfg, n = self.cfg, len(group)
+        idx = torch.tensor(group, device=self.data.train_y.device)
         theta = self.generate(idx)  # 1. what the server sends: (N, P)
         sent = {k: t.clone() for k, t in split_flat(theta, self.shapes).items()}
         head = {k: self.private[k][idx].clone() for k in CLASSIFIER_KEYS if k in self.private}
@@ -176,8 +190,8 @@ class PFedHNLockstep(Engine):
         head_sgd = StackedSGD(list(head.values()), SETTINGS.client_lr, SETTINGS.client_momentum,
                               SETTINGS.client_weight_decay)
         head_sgd.bufs = [self.private[momentum_key(k)][idx].clone() for k in head]  # kept between rounds
-        schedule = RoundSchedule(self.data, sampled, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs))
-        for epoch in progress(range(cfg.local_epochs)):  # 2. local training
+        schedule = RoundSchedule(self.data, group, cfg.batch_size, cfg.seed, round_idx, range(cfg.local_epochs))
+        for epoch in range(cfg.local_epochs):  # 2. local training
             loss_sum, loss_count = torch.zeros(n, device=idx.device), torch.zeros(n, device=idx.device)
             for batch in schedule.batches(epoch):
                 leaves = {k: t.clone().requires_grad_() for k, t in {**sent, **head}.items()}
@@ -191,17 +205,12 @@ class PFedHNLockstep(Engine):
                     head_sgd.step([grads[k] for k in head], batch.active)
                 loss_sum += losses.detach() * batch.nonempty
                 loss_count += batch.nonempty
-        train_loss = loss_sum / loss_count.clamp(min=1)
-        local_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, {**sent, **head}, self.spec))
+        local_acc = batched_accuracy(self.data, group, lambda x: cnn_logits(x, {**sent, **head}, self.spec))
         for k in head:
             self.private[k][idx], self.private[momentum_key(k)][idx] = head[k], head_sgd.bufs[list(head).index(k)]
-
         delta = theta - join_flat(sent, self.shapes, lead=1)  # the uploads: (N, P)
         self.server_update(idx, delta.detach())  # 3.
-        with torch.no_grad():
-            generated = split_flat(self.generate(idx), self.shapes)
-        global_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, {**generated, **head}, self.spec))
-        return client_results(sampled, train_loss, local_acc, global_acc)
+        return loss_sum / loss_count.clamp(min=1), local_acc
 
     @torch.no_grad()
     def server_update(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
@@ -281,6 +290,7 @@ class PFedHN(Method):
     supports = frozenset({ATTACK})
     threat = "full-model"  # the server knows theta_i (it generated it) and sees its change
     step_flags = ("local_epochs",)  # its optimizer settings are fixed (settings)
+    steps_per_client = True  # pFedHN's loop: generate for one client, train, step; then the next client
     settings = SETTINGS
     client_optimizer = {"lr": SETTINGS.client_lr, "momentum": SETTINGS.client_momentum,
                         "weight_decay": SETTINGS.client_weight_decay, "clip": SETTINGS.grad_clip}
