@@ -673,18 +673,19 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
     method_ = get_method(cfg.method)
     spec = engine.spec
     for round_idx in range(2):
-        sent = [method_.send(spec, shared, i) for i in range(3)]  # the global state, or (pfedhn) each its own
-        replies = [client_round(context, sent[i], round_idx + 1) for i, context in enumerate(contexts)]
+        sent, replies = [], []
+        for i, context in enumerate(contexts):  # the global state, or (pfedhn) each its own
+            sent.append(method_.send(spec, shared, i))
+            replies.append(client_round(context, sent[i], round_idx + 1))
+            if method_.steps_per_client:  # pFedHN's loop: the server steps before the next client receives
+                shared = method_.aggregate(shared, [replies[i][0]], [replies[i][1]["num-examples"]], [i])
         expected = engine.run_round(round_idx, [0, 1, 2])
         for (upload, metrics), want, received in zip(replies, expected, sent):
             assert set(upload) == set(received)  # HyperFL: the hypernetwork; local: nothing; pfedhn: delta theta
             assert metrics["rounds-before"] == round_idx
             assert metrics["train-loss"] == pytest.approx(want.train_loss, rel=1e-4)
             assert metrics.get("epsilon") == (pytest.approx(want.epsilon) if method_.dp else None)
-        if method_.sends_per_client:  # the server's own rule, as UploadAuditingFedAvg applies it
-            shared = method_.aggregate(shared, [up for up, _ in replies], [m["num-examples"] for _, m in replies],
-                                       [0, 1, 2])
-        elif shared:
+        if shared and not method_.steps_per_client:  # (pfedhn: stepped on as each reply arrived)
             records = [RecordDict({"arrays": ArrayRecord(up), "metrics": MetricRecord(m)}) for up, m in replies]
             shared = aggregate_arrayrecords(records, "num-examples").to_torch_state_dict()
         accs = [client_evaluation(context, method_.send(spec, shared, i))["global-acc"]
@@ -696,9 +697,10 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
 
 
 def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_path, server_identity):
-    """pFedHN over Flower: the strategy asks each node its partition once, then every train and evaluate message
-    carries only that partition's generated weights; uploads are checked against them and aggregated by the
-    method's own rule (one server step per client, in partition order)."""
+    """pFedHN over Flower: the strategy asks each node its partition once; then the nodes train one after the
+    other, in partition order, each train message carrying only that partition's weights, generated from the
+    state the previous upload's step left; an upload is checked before the server steps on it; evaluate messages
+    carry each partition's weights from the round's final state."""
     from types import SimpleNamespace
 
     from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
@@ -706,7 +708,6 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, initial_global_state
     from hyperfl_fast.flower.settings import settings_from_run_config
     from hyperfl_fast.models import cnn_spec
-
 
     settings = settings_from_run_config({**{k.replace("_", "-"): v for k, v in SETTINGS.items()},
                                          "method": "pfedhn", "output-dir": str(tmp_path), "client-metrics": True})
@@ -716,46 +717,52 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     keys = set(layout)
     strategy = UploadAuditingFedAvg(settings, layout, method=method)
     partition_of = {101: 2, 102: 0, 103: 1}
-    asked = []
+    torch.manual_seed(0)
+    uploads = {pid: {k: 0.01 * torch.randn_like(t) for k, t in method.send(spec, shared, pid).items()}
+               for pid in range(3)}
+    asked, trained = [], []  # the nodes queried; (node, arrays) of each train message, in the order sent
+    claims = dict(partition_of)  # the partition a node's train reply says it holds
 
     class Grid:
         def get_node_ids(self):
             return list(partition_of)
 
         def send_and_receive(self, messages, timeout=None):
-            asked.extend(m.metadata.dst_node_id for m in messages)
-            assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
-            return [SimpleNamespace(has_error=lambda: False,
-                                    metadata=replying(m.metadata.dst_node_id),
-                                    content=RecordDict({"metrics": MetricRecord(
-                                        {"partition-id": partition_of[m.metadata.dst_node_id]})}))
-                    for m in messages]
+            messages = list(messages)
+            if messages[0].metadata.message_type == MessageType.QUERY:
+                asked.extend(m.metadata.dst_node_id for m in messages)
+                return [SimpleNamespace(has_error=lambda: False, metadata=replying(m.metadata.dst_node_id),
+                                        content=RecordDict({"metrics": MetricRecord(
+                                            {"partition-id": partition_of[m.metadata.dst_node_id]})}))
+                        for m in messages]
+            assert len(messages) == 1 and messages[0].metadata.message_type == MessageType.TRAIN  # one at a time
+            node = messages[0].metadata.dst_node_id
+            trained.append((node, messages[0].content["arrays"].to_torch_state_dict()))
+            assert messages[0].content["config"]["server-round"] == 1
+            return [SimpleNamespace(has_error=lambda: False, metadata=replying(node), content=RecordDict({
+                "arrays": ArrayRecord(uploads[partition_of[node]]),
+                "metrics": MetricRecord({"num-examples": 60, "partition-id": claims[node], "train-loss": 1.0,
+                                         "local-acc": 50.0})}))]
 
-    messages = list(strategy.configure_train(1, ArrayRecord(shared), ConfigRecord({}), Grid()))
-    assert sorted(asked) == sorted(partition_of) and len(messages) == 3
-    for msg in messages:
-        pid = partition_of[msg.metadata.dst_node_id]
-        got = msg.content["arrays"].to_torch_state_dict()
+    assert list(strategy.configure_train(1, ArrayRecord(shared), ConfigRecord({}), Grid())) == []
+    assert sorted(asked) == sorted(partition_of)
+    assert [node for node, _ in trained] == [102, 103, 101]  # partitions 0, 1, 2
+    want = shared
+    for pid, (_, got) in enumerate(trained):
         assert set(got) == keys and "embeddings" not in got  # the hypernetwork and embeddings stay on the server
-        for k, t in method.send(spec, shared, pid).items():
-            assert torch.equal(got[k], t)
-        assert msg.content["config"]["server-round"] == 1 and msg.metadata.message_type == MessageType.TRAIN
-    uploads = {pid: {k: 0.01 * torch.randn_like(t) for k, t in method.send(spec, shared, pid).items()}
-               for pid in range(3)}
-    replies = [SimpleNamespace(has_error=lambda: False, metadata=replying(node),
-                               content=RecordDict({"arrays": ArrayRecord(uploads[pid]),
-                                                   "metrics": MetricRecord({"num-examples": 60, "partition-id": pid,
-                                                                            "train-loss": 1.0, "local-acc": 50.0})}))
-               for node, pid in partition_of.items()]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    want = method.aggregate(shared, [uploads[p] for p in range(3)], [60] * 3, [0, 1, 2])
+        assert_equal_states(got, method.send(spec, want, pid))  # generated after the previous client's step
+        want = method.aggregate(want, [uploads[pid]], [60], [pid])
+    arrays, _ = strategy.aggregate_train(1, [])
     assert_equal_states(arrays.to_torch_state_dict(), want)
-    liar = SimpleNamespace(has_error=lambda: False, metadata=replying(101),
-                           content=RecordDict({"arrays": ArrayRecord(uploads[1]), "metrics": MetricRecord(
-                               {"num-examples": 60, "partition-id": 1})}))  # node 101 holds partition 2
-    strategy.min_train_nodes = 1
-    strategy.aggregate_train(1, [liar, *replies[1:]])
-    assert any("replied as partition 1, not the 2 it was sent; refused" in line for line in strategy.failed)
+
+    liar = UploadAuditingFedAvg(settings, layout, method=method)
+    claims[101] = 1  # node 101 holds partition 2
+    liar.min_train_nodes = 1
+    trained.clear()
+    liar.configure_train(1, ArrayRecord(shared), ConfigRecord({}), Grid())
+    assert any("replied as partition 1, not the 2 it was sent; refused" in line for line in liar.failed)
+    honest = method.aggregate(method.aggregate(shared, [uploads[0]], [60], [0]), [uploads[1]], [60], [1])
+    assert_equal_states(liar.aggregate_train(1, [])[0].to_torch_state_dict(), honest)  # not stepped on
     asked.clear()
     evaluate = list(strategy.configure_evaluate(settings.cfg.rounds, arrays, ConfigRecord({}), Grid()))
     assert not asked and {m.metadata.message_type for m in evaluate} == {MessageType.EVALUATE}  # asked once

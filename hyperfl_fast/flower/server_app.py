@@ -18,7 +18,10 @@ package adds.
   each client its own part (:meth:`~hyperfl_fast.methods.Method.send`:
   pFedHN's generated weights) only that part: the server asks every node its
   partition once (a query message), refuses a second node claiming the same
-  one, and accepts a node's upload only as the partition it was sent.
+  one, and accepts a node's upload only as the partition it was sent.  For a
+  method that steps per client (pFedHN's loop) the nodes train one after the
+  other, in partition order, each sent what the server generates after the
+  previous accepted upload's step (each node waited for up to ``round-timeout``).
 - **Failures.**  The server waits ``round-timeout`` seconds for a round's
   replies, then aggregates those that arrived (by the method's rule: FedAvg's
   weighting by data size, or pFedHN's one step per client), provided there
@@ -131,13 +134,16 @@ class UploadAuditingFedAvg(FedAvg):
         # between.  Round r is then recorded when round r + 1's replies arrive; the last round is evaluated by an
         # evaluate message as usual.
         self.evaluates = settings.client_metrics
-        self.fold = self.evaluates and settings.fold_evaluation and settings.cfg.frac == 1.0
+        # (not for a method that steps per client: the nodes after the first receive a state already stepped on)
+        self.fold = (self.evaluates and settings.fold_evaluation and settings.cfg.frac == 1.0
+                     and not self.method.steps_per_client)
         self.pending: TrainedRound | None = None  # the last trained round, until it is recorded
         # secure-aggregation: the train phase is Flower's SecAgg+, and the server learns only the mean upload
         self.secure = (SecureAggregation(settings, upload_keys, self.cfg.local_size or
                                          DATASET_SIZES[self.cfg.dataset][0])
                        if settings.secure_aggregation else None)
         self.secured: SecureRound | None = None  # this round's outcome
+        self.stepped: list[Message] = []  # a method that steps per client: this round's accepted replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -154,7 +160,27 @@ class UploadAuditingFedAvg(FedAvg):
             self.failed += self.secured.failed
             self.report(server_round, self.secured.failed)
             return self.remember([])
+        if self.method.steps_per_client:  # the nodes train one after the other here; the strategy sends nothing more
+            self.stepped = self.one_by_one(server_round, messages, grid)
+            return self.remember([])
         return self.remember(messages)
+
+    def one_by_one(self, server_round: int, messages: list[Message], grid: Grid) -> list[Message]:
+        """pFedHN's loop over Flower (a method that steps per client): the nodes train one after the other, in
+        partition order, each sent what the server makes of the state the previous accepted upload left; each
+        reply is checked and, when accepted, stepped on at once.  Returns the accepted replies."""
+        accepted, logged = [], len(self.failed)
+        for msg in sorted(messages, key=lambda m: self.partitions[m.metadata.dst_node_id]):
+            self.sent = [self.for_partition(msg.metadata.dst_node_id, msg)]
+            replies = grid.send_and_receive(self.sent, timeout=self.settings.round_timeout)
+            for reply in self.screened(replies, "train"):
+                taken = self.accept(server_round, reply)
+                if taken is not None:
+                    pid, upload, weight = taken
+                    self.current = self.method.aggregate(self.current, [upload], [weight], [pid])
+                    accepted.append(reply)
+        self.report(server_round, self.failed[logged:])
+        return accepted
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -208,16 +234,35 @@ class UploadAuditingFedAvg(FedAvg):
             if node not in self.partitions:
                 self.failed.append(f"node {node} did not say which partition it holds; left out")
                 continue
-            sent = self.method.send(self.spec, self.current, self.partitions[node])
-            content = RecordDict({"arrays": ArrayRecord({k: t.contiguous() for k, t in sent.items()}),
-                                  "config": msg.content["config"]})
-            addressed.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
+            addressed.append(self.for_partition(node, msg))
         return addressed
+
+    def for_partition(self, node: int, msg: Message) -> Message:
+        """``msg`` for ``node``, carrying what the server makes of the current state for the node's partition."""
+        sent = self.method.send(self.spec, self.current, self.partitions[node])
+        content = RecordDict({"arrays": ArrayRecord({k: t.contiguous() for k, t in sent.items()}),
+                              "config": msg.content["config"]})
+        return Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
 
     def _check_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
         """The replies that carry results; failures (errors, timeouts, foreign arrays) are logged and counted."""
         replies = list(replies)
-        good, logged = [], len(self.failed)
+        logged = len(self.failed)
+        good = self.screened(replies, phase)
+        expected = max(self.min_train_nodes, len(replies))
+        if len(good) < self.min_train_nodes:
+            if phase == "train" and self.fold and self.pending:  # the previous round is complete: keep it
+                self.record(self.pending, by_partition(good))
+            raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
+                                  f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
+                                  f"{self.kept()}")
+        self.report(server_round, self.failed[logged:])
+        return good
+
+    def screened(self, replies: Iterable[Message], phase: str) -> list[Message]:
+        """The replies to :attr:`sent` that carry results; each failure (an error, no reply, foreign arrays) is
+        added to :attr:`failed`."""
+        replies, good = list(replies), []
         answered = {msg.metadata.reply_to_message_id for msg in replies}
         for sent in self.sent:  # a node that died before its heartbeat lapsed sends nothing at all
             if sent.metadata.message_id and sent.metadata.message_id not in answered:
@@ -242,14 +287,6 @@ class UploadAuditingFedAvg(FedAvg):
                                    "the model's; refused")
                 continue
             good.append(msg)
-        expected = max(self.min_train_nodes, len(replies))
-        if len(good) < self.min_train_nodes:
-            if phase == "train" and self.fold and self.pending:  # the previous round is complete: keep it
-                self.record(self.pending, by_partition(good))
-            raise FederationError(f"round {server_round}: {len(good)} {phase} replies of {expected}, fewer than "
-                                  f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
-                                  f"{self.kept()}")
-        self.report(server_round, self.failed[logged:])
         return good
 
     def kept(self) -> str:
@@ -266,43 +303,26 @@ class UploadAuditingFedAvg(FedAvg):
         server_round += self.offset
         if self.secure:  # the replies that carried masked uploads, if the protocol unmasked their mean
             replies = self.secured.replies if self.secured.mean is not None else []
-        # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which reply came first
-        good = sorted(self._check_replies(server_round, replies, "train"),
-                      key=lambda msg: int(msg.content["metrics"]["partition-id"]))
-        uploads, weights, senders, accepted = [], [], [], []
-        for msg in good:
-            metrics = msg.content["metrics"]
-            pid = int(metrics["partition-id"])
-            if not 0 <= pid < self.cfg.clients:
-                self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, which the "
-                                   f"run (clients={self.cfg.clients}) does not have; refused")
-                continue
-            if self.method.sends_per_client and self.partitions.get(msg.metadata.src_node_id) != pid:
-                self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, not the "
-                                   f"{self.partitions.get(msg.metadata.src_node_id)} it was sent; refused")
-                continue
-            accepted.append(msg)
-            self.rounds_aggregated[pid] += 1
-            self.trained[pid] = dict(metrics)
-            arrays = msg.content.array_records.get("arrays")
-            upload = arrays.to_torch_state_dict() if arrays is not None else {}
-            upload = {k: upload[k] for k in self.upload_keys if k in upload}  # in the order it was sent
-            if upload:
-                uploads.append(upload)
-                weights.append(int(metrics[self.weighted_by_key]))
-                senders.append(pid)
-            if self.method.dp:  # one more round of DP-SGD steps for this client
-                if pid not in self.privacy:
-                    self.sizes[pid] = int(metrics[self.weighted_by_key])
-                    self.privacy[pid] = ClientPrivacy.from_config([self.sizes[pid]], self.cfg, pid)
-                self.privacy[pid].record_round([0])
-            if self.on_upload:
-                self.on_upload(server_round, pid, upload)
-            if self.settings.audit_uploads:
-                with open(self.settings.output_dir / "uploads.jsonl", "a") as audit:
-                    audit.write(json.dumps({"round": server_round, "partition-id": pid,
-                                            "arrays": {k: list(t.shape) for k, t in upload.items()},
-                                            "metrics": dict(metrics)}) + "\n")
+        if self.method.steps_per_client:  # checked, accepted and stepped on as they arrived (one_by_one)
+            good = accepted = self.stepped
+            if len(accepted) < self.min_train_nodes:
+                raise FederationError(f"round {server_round}: {len(accepted)} train replies accepted, fewer than "
+                                      f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "
+                                      f"{self.kept()}")
+        else:  # in partition order, not arrival order: FedAvg's float32 sum then does not depend on which came first
+            good = sorted(self._check_replies(server_round, replies, "train"),
+                          key=lambda msg: int(msg.content["metrics"]["partition-id"]))
+            accepted, uploads, weights, senders = [], [], [], []
+            for msg in good:
+                taken = self.accept(server_round, msg)
+                if taken is None:
+                    continue
+                accepted.append(msg)
+                pid, upload, weight = taken
+                if upload:
+                    uploads.append(upload)
+                    weights.append(weight)
+                    senders.append(pid)
         if self.secure and len(accepted) < len(good):  # its masked upload is in the mean: nothing can take it out
             raise FederationError(f"round {server_round}: secure aggregation: a reply was refused, and its upload is "
                                   f"in the mean ({'; '.join(self.failed)}); {self.kept()}")
@@ -318,7 +338,42 @@ class UploadAuditingFedAvg(FedAvg):
         if self.secure:
             mean = {name: torch.from_numpy(array) for name, array in self.secured.mean.items()}
             return ArrayRecord({**self.current, **mean}), metrics
+        if self.method.steps_per_client:
+            return ArrayRecord(self.current), metrics
         return ArrayRecord(self.method.aggregate(self.current, uploads, weights, senders)), metrics
+
+    def accept(self, server_round: int, msg: Message) -> tuple[int, dict[str, torch.Tensor], int] | None:
+        """A screened train reply's partition id, upload (in the order it was sent) and weight, with what the
+        server keeps of it (the partition's report and rounds, DP accounting, the hook, the audit); None, and a
+        failure, when its partition is not one it may answer for."""
+        metrics = msg.content["metrics"]
+        pid = int(metrics["partition-id"])
+        if not 0 <= pid < self.cfg.clients:
+            self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, which the "
+                               f"run (clients={self.cfg.clients}) does not have; refused")
+            return None
+        if self.method.sends_per_client and self.partitions.get(msg.metadata.src_node_id) != pid:
+            self.failed.append(f"train: node {msg.metadata.src_node_id} replied as partition {pid}, not the "
+                               f"{self.partitions.get(msg.metadata.src_node_id)} it was sent; refused")
+            return None
+        self.rounds_aggregated[pid] += 1
+        self.trained[pid] = dict(metrics)
+        arrays = msg.content.array_records.get("arrays")
+        upload = arrays.to_torch_state_dict() if arrays is not None else {}
+        upload = {k: upload[k] for k in self.upload_keys if k in upload}  # in the order it was sent
+        if self.method.dp:  # one more round of DP-SGD steps for this client
+            if pid not in self.privacy:
+                self.sizes[pid] = int(metrics[self.weighted_by_key])
+                self.privacy[pid] = ClientPrivacy.from_config([self.sizes[pid]], self.cfg, pid)
+            self.privacy[pid].record_round([0])
+        if self.on_upload:
+            self.on_upload(server_round, pid, upload)
+        if self.settings.audit_uploads:
+            with open(self.settings.output_dir / "uploads.jsonl", "a") as audit:
+                audit.write(json.dumps({"round": server_round, "partition-id": pid,
+                                        "arrays": {k: list(t.shape) for k, t in upload.items()},
+                                        "metrics": dict(metrics)}) + "\n")
+        return pid, upload, int(metrics[self.weighted_by_key])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
