@@ -35,8 +35,8 @@ Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, un
   last linear layer, no activation between (one Linear(100, P) here, one per tensor there: the same init).  The
   lockstep engine runs the three first layers in torch and the last two (the heads: nearly all of the work)
   with the package's generation op, ``relu=False``.  With HyperFL's hypernetwork instead (one hidden layer of
-  128 with a ReLU before the heads, embeddings of 64) pFedHN ended 4.3 points lower on Fashion-MNIST
-  (benchmarks/RESULTS.md, 2026-12-07);
+  128 with a ReLU before the heads, embeddings of 64; this package until 2026-12-07) pFedHN ended 4.3 points
+  under the HyperFL paper's Fashion-MNIST figure (benchmarks/RESULTS.md);
 - the embeddings are drawn N(0, 1) per client (``nn.Embedding``); pFedHN-PC's classifiers follow
   ``--client-init``; uploads are not weighted by data size (one server step per client).
 """
@@ -61,6 +61,7 @@ from ..models import CNNSpec, join_flat, split_flat
 from ..ops.sgd import SGD
 from .base import ATTACK, ClientUpdate, Method, State, detached, register
 from .full_model import cnn_from
+
 
 @dataclass(frozen=True)
 class PFedHNSettings:
@@ -149,9 +150,8 @@ def server_steps(server: State, grads: list[dict[str, torch.Tensor]], settings: 
 class PFedHNLockstep(Engine):
     """pFedHN's engine on stacked tensors: the results of :meth:`PFedHN.client_update` and
     :meth:`PFedHN.aggregate` client by client.  pFedHN's loop makes a round's clients train one after the other
-    (:meth:`train_and_step` on groups of one); what runs batched is the final evaluation, whose generation op
-    makes every sampled client's theta at once, and the server step, whose head gradients come in closed form
-    (the outer product delta z^T, never formed; :meth:`server_update`, written for a group of any size)."""
+    (:meth:`train_and_step`); the round's evaluation generates every sampled client's theta at once with the
+    generation op, and the server's step takes the heads' gradient in closed form (:meth:`server_update`)."""
 
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         super().__init__(method, spec, clients, cfg)
@@ -169,7 +169,7 @@ class PFedHNLockstep(Engine):
                   progress: Callable[[Iterable], Iterable] = iter) -> list[ClientResult]:
         """pFedHN's loop: one client after the other, each sent what the server generates after the previous
         client's step (:meth:`train_and_step`); then every sampled client's generated model is evaluated."""
-        losses, local_accs = zip(*(self.train_and_step(round_idx, [cid]) for cid in progress(sampled)))
+        losses, local_accs = zip(*(self.train_and_step(round_idx, cid) for cid in progress(sampled)))
         idx = torch.tensor(sampled, device=self.data.train_y.device)
         head = {k: self.private[k][idx] for k in CLASSIFIER_KEYS if k in self.private}
         with torch.no_grad():
@@ -177,10 +177,10 @@ class PFedHNLockstep(Engine):
         global_acc = batched_accuracy(self.data, sampled, lambda x: cnn_logits(x, {**generated, **head}, self.spec))
         return client_results(sampled, torch.cat(losses), torch.cat(local_accs), global_acc)
 
-    def train_and_step(self, round_idx: int, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clients ``group`` (stacked) receive theta from the server's current state, train it, and the server
-        steps once per client: (train loss, local accuracy), each (len(group),)."""
-        cfg, n = self.cfg, len(group)
+    def train_and_step(self, round_idx: int, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``cid`` receives theta from the server's current state and trains it (as a stack of one), and
+        the server steps on its upload: (train loss, local accuracy), each (1,)."""
+        cfg, n, group = self.cfg, 1, [cid]
         idx = torch.tensor(group, device=self.data.train_y.device)
         theta = self.generate(idx)  # 1. what the server sends: (N, P)
         sent = {k: t.clone() for k, t in split_flat(theta, self.shapes).items()}
@@ -208,63 +208,44 @@ class PFedHNLockstep(Engine):
         local_acc = batched_accuracy(self.data, group, lambda x: cnn_logits(x, {**sent, **head}, self.spec))
         for k in head:
             self.private[k][idx], self.private[momentum_key(k)][idx] = head[k], head_sgd.bufs[list(head).index(k)]
-        delta = theta - join_flat(sent, self.shapes, lead=1)  # the uploads: (N, P)
-        self.server_update(idx, delta.detach())  # 3.
+        delta = theta - join_flat(sent, self.shapes, lead=1)  # the upload: (1, P)
+        self.server_update(cid, delta[0].detach())  # 3.
         return loss_sum / loss_count.clamp(min=1), local_acc
 
     @torch.no_grad()
-    def server_update(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
-        """One server step per client (in ``idx``'s order) with the gradient J^T delta at the round's psi, all of
-        them at once.
+    def server_update(self, cid: int, delta: torch.Tensor) -> None:
+        """The server's step on client ``cid``'s upload delta (P,), in place: the gradient J^T delta at the psi
+        that generated theta, clipped to the bound, then SGD with momentum and weight decay (torch.optim.SGD's
+        step, whose reference is :func:`server_steps`).
 
-        Gradients: theta = W z + b with z = fc(trunk(e)) (N, H), so each head's gradient is rank one, dW = delta
-        z^T, db = delta, and dz = W^T delta; the trunk's, fc's and the embedding's per-client gradients are dz's
-        vector-Jacobian products through the small MLP (``torch.func.vmap``).  The norm of a rank-one product is
-        the product of the norms, so the clip needs no head gradient formed.  Steps: SGD with momentum and weight
-        decay is linear in (w, buf): one step is (w, buf) <- M (w, buf) + u g with M = [[1 - lr wd, -lr mu],
-        [wd, mu]] and u = (-lr, 1), so after the round's K steps (w, buf) = M^K (w0, buf0) + sum_k M^(K-1-k) u g_k:
-        the weighted sums of the rank-one head gradients are (P x N) x (N x H) products (one into w, one into buf)
-        instead of K passes over the heads.
+        Gradients: theta = W z + b with z = fc(trunk(e)) (H,), so the heads' gradient is the outer product
+        delta z^T (never formed: ``addr_`` into the momentum buffer), db = delta, and dz = W^T delta; the trunk's,
+        fc's and the embedding's gradients are dz's vector-Jacobian product through the small MLP.  The norm of an
+        outer product is the product of the norms, so the clip needs no head gradient formed either.
         """
-        st = self.method.settings
-        s, lr, mu, wd = self.server, st.server_lr, st.server_momentum, st.server_weight_decay
-        small = [k for k in SERVER_KEYS if k not in ("heads.weight", "heads.bias", "embeddings")]
-        e = s["embeddings"][idx]  # (N, E), the round's
+        st, s = self.method.settings, self.server
+        small = {k: s[k] for k in SERVER_KEYS if k not in ("heads.weight", "heads.bias", "embeddings")}
 
         def features(params: State, embedding: torch.Tensor) -> torch.Tensor:  # (E,) -> (H,): what the heads read
             return F.linear(trunk(params, embedding), params["fc.weight"], params["fc.bias"])
 
-        def pullback(embedding: torch.Tensor, dz: torch.Tensor):
-            return torch.func.vjp(features, {k: s[k] for k in small}, embedding)[1](dz)
-
-        z = features(s, e)  # (N, H)
-        dz = delta @ s["heads.weight"]  # (N, H)
-        grads, de = torch.func.vmap(pullback)(e, dz)  # {key: (N, *shape)}, (N, E)
-        sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
-        norms = (delta.pow(2).sum(1) * (z.pow(2).sum(1) + 1) + sq + de.pow(2).sum(1)).sqrt()
-        scale = (st.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # (N,) clip_grad_norm_ per client
-        step = torch.tensor([[1 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64)
-        weights, v = [], torch.tensor([-lr, 1.0], dtype=torch.float64)
-        for _ in range(len(idx)):  # M^(K-1-k) u for k = K-1 down to 0
-            weights.append(v)
-            v = step @ v
-        weights = torch.stack(weights[::-1]).to(delta)  # (N, 2): each step's gradient's share in (w, buf)
-        total = torch.linalg.matrix_power(step, len(idx)).tolist()  # M^K
+        z, pullback = torch.func.vjp(features, small, s["embeddings"][cid])
+        grads, de = pullback(delta @ s["heads.weight"])
+        norm = (delta.pow(2).sum() * (z.pow(2).sum() + 1) + sum(g.pow(2).sum() for g in grads.values())
+                + de.pow(2).sum()).sqrt()
+        scale = (st.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_
         for key in SERVER_KEYS:
             w, buf = s[key], s[momentum_key(key)]
-            summed = []
-            for a in (weights[:, 0] * scale, weights[:, 1] * scale):  # (N,): into w, into buf
-                if key == "heads.weight":
-                    summed.append((delta * a[:, None]).t() @ z)  # (P, H)
-                elif key == "heads.bias":
-                    summed.append(a @ delta)
-                elif key == "embeddings":  # each client's gradient in its own row (weight decay reaches every row)
-                    summed.append(torch.zeros_like(w).index_add_(0, idx, de * a[:, None]))
-                else:
-                    summed.append(torch.tensordot(a, grads[key], dims=1))
-            w0 = w.clone()
-            w.mul_(total[0][0]).add_(buf, alpha=total[0][1]).add_(summed[0])
-            buf.mul_(total[1][1]).add_(w0, alpha=total[1][0]).add_(summed[1])
+            buf.mul_(st.server_momentum).add_(w, alpha=st.server_weight_decay)  # (a zero buffer: SGD's first step)
+            if key == "heads.weight":
+                buf.addr_(delta * scale, z)
+            elif key == "heads.bias":
+                buf.add_(delta * scale)
+            elif key == "embeddings":  # the client's own row (weight decay reaches every row)
+                buf[cid].add_(de * scale)
+            else:
+                buf.add_(grads[key] * scale)
+            w.add_(buf, alpha=-st.server_lr)
 
     def global_state(self) -> State:
         """The server's hypernetwork, embeddings and momentum buffers."""
