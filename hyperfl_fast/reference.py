@@ -7,6 +7,9 @@ Every fast path is checked against it.  A round reads like the algorithm box::
 
     for each sampled client: receive what the server sends it -> client update -> upload
     server: aggregate the uploads
+
+(a method that steps per client, pFedHN, aggregates each upload as it arrives, before the next client
+receives anything).
 """
 from __future__ import annotations
 

@@ -78,16 +78,16 @@ def test_generate_weights(path, config, n, e, h, p, shared, poisoned):
     check_against_reference(ops.generate_weights, inputs, path, config)
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path,config", variants(generate.GEMV_CONFIGS, bmm.CONFIGS))
 @pytest.mark.parametrize("n,e,h,p", GEN_SHAPES)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-client"])
-def test_generate_weights_without_the_relu(path, n, e, h, p, shared, poisoned):
+def test_generate_weights_without_the_relu(path, config, n, e, h, p, shared, poisoned):
     """relu=False (a deeper hypernetwork's last two linear layers): every path equals the reference, and the
     result is not the ReLU's (some hidden units are negative on these inputs)."""
     lead = () if shared else (n,)
     inputs = [rand(n, e), rand(*lead, h, e) / math.sqrt(e), rand(*lead, h), rand(*lead, p, h) / math.sqrt(h),
               rand(*lead, p)]
-    check_against_reference(lambda *t, path: ops.generate_weights(*t, path=path, relu=False), inputs, path)
+    check_against_reference(lambda *t, path: ops.generate_weights(*t, path=path, relu=False), inputs, path, config)
     with_relu, without = (ops.generate_weights(*inputs, path="reference", relu=r) for r in (True, False))
     assert not torch.allclose(with_relu, without)
 

@@ -303,8 +303,8 @@ class UploadAuditingFedAvg(FedAvg):
         server_round += self.offset
         if self.secure:  # the replies that carried masked uploads, if the protocol unmasked their mean
             replies = self.secured.replies if self.secured.mean is not None else []
-        if self.method.steps_per_client:  # checked, accepted and stepped on as they arrived (one_by_one)
-            good = accepted = self.stepped
+        if self.method.steps_per_client:  # checked, accepted and stepped on as they arrived (one_by_one); only an
+            good = accepted = self.stepped  # accepted reply counts towards min-clients (it is already in the state)
             if len(accepted) < self.min_train_nodes:
                 raise FederationError(f"round {server_round}: {len(accepted)} train replies accepted, fewer than "
                                       f"min-clients={self.min_train_nodes} ({'; '.join(self.failed) or 'timed out'}); "

@@ -108,7 +108,8 @@ class Method(ABC):
     # the paper's Table 1 (200 rounds): its figure by dataset and clients (20: all train; 100: 30 sampled a round)
     paper: ClassVar[dict[str, dict[int, float]]] = {}
     paper_seconds_per_round: ClassVar[float | None] = None  # Table 4: EMNIST, 20 clients, the authors' GPU
-    lockstep: ClassVar[type]  # its engine that trains every sampled client at once (an Engine)
+    lockstep: ClassVar[type]  # its engine on stacked tensors (an Engine): every sampled client at once, or
+    # (steps_per_client) one after the other
     # the server updates its state after each upload (aggregate of that one), and the next client of the round
     # receives what it made of it: the round's clients train one after the other (pFedHN's one client per step)
     steps_per_client: ClassVar[bool] = False

@@ -21,7 +21,8 @@ Choices and their sources (pFedHN's code, ``experiments/pfedhn*/trainer.py``, un
   clipped to 50;
 - local training: ``--local-epochs`` epochs of ``--batch-size`` batches, the setting the HyperFL paper uses for
   every method (pFedHN samples 50 batches of 64 with replacement);
-- rounds: pFedHN's loop.  A round's sampled clients train one after the other, in the sampled order; each
+- rounds: pFedHN's loop.  A round's sampled clients train one after the other, in the sampled order
+  (ascending client id; pFedHN draws a random client for every step); each
   receives the theta generated after the previous client's server step (``steps_per_client``), so 200 rounds
   of 20 clients are 4,000 server steps (pFedHN: 5,000 steps of one random client).  Training a round's clients
   in parallel from one psi and then stepping once per upload (this package until 2026-12-07) takes 20 steps
@@ -152,6 +153,8 @@ class PFedHNLockstep(Engine):
     :meth:`PFedHN.aggregate` client by client.  pFedHN's loop makes a round's clients train one after the other
     (:meth:`train_and_step`); the round's evaluation generates every sampled client's theta at once with the
     generation op, and the server's step takes the heads' gradient in closed form (:meth:`server_update`)."""
+
+    progress_unit = "client"
 
     def __init__(self, method: Method, spec: CNNSpec, clients: list[ClientData], cfg: Config, device: torch.device):
         super().__init__(method, spec, clients, cfg)
