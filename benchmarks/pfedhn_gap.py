@@ -14,7 +14,9 @@ rendering of pFedHN's own loop (Shamsian et al., ``experiments/pfedhn/trainer.py
 ``--hypernet`` picks the generator (:data:`HYPERNETS`): ``package`` is the hypernetwork ``--method pfedhn`` used
 before 2026-12-07 (HyperFL's: embedding 64, Linear(64, 128), ReLU, heads), ``pfedhn`` pFedHN's CNNHyper
 (embedding 1 + N/4, Linear(E, 100), then 3 x [ReLU, Linear(100, 100)], then the heads with no activation before
-them; what ``--method pfedhn`` uses now), and the others one difference between the two at a time.
+them; what ``--method pfedhn`` uses now), and the others one difference between the two at a time.  ``--target``
+picks the generated network: ``paper`` is the HyperFL paper's CNN (this package's), ``lenet`` pFedHN's own
+``CNNTarget`` (n_kernels 16) for one 28 x 28 channel.
 
 Run on the CPU (one thread per job)::
 
@@ -57,6 +59,25 @@ class MLPHyper(nn.Module):
         return self.heads(self.mlp(embedding))
 
 
+class LeNetTarget(nn.Module):
+    """pFedHN's ``CNNTarget`` (``experiments/pfedhn/models.py``, n_kernels 16) for one 28 x 28 channel: conv 5x5 to
+    16, pool, conv 5x5 to 32, pool, then 512 -> 120 -> 84 -> 10 (pFedHN's 32 x 5 x 5 input is 32 x 4 x 4 here)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5)
+        self.conv2 = nn.Conv2d(16, 32, 5)
+        self.fc1 = nn.Linear(32 * 4 * 4, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
 # name -> (embedding size, or None for pFedHN's 1 + N/4; hidden size; depth; ReLU before the heads)
 HYPERNETS = {
     "package": (64, 128, 0, True),  # --method pfedhn's
@@ -88,6 +109,7 @@ def generated_accuracy(hypernet, embeddings, net, shapes, clients) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hypernet", choices=tuple(HYPERNETS), default="pfedhn")
+    parser.add_argument("--target", choices=("paper", "lenet"), default="paper")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -100,8 +122,8 @@ def main() -> None:
     cfg = Config(dataset="fmnist", clients=20, seed=args.seed, device="cpu")
     dataset, splits, spec = load_partition(cfg)
     clients = build_clients(dataset, splits, torch.device("cpu"))
-    shapes = spec.cnn_shapes()
-    net = TargetCNN(spec)
+    net = TargetCNN(spec) if args.target == "paper" else LeNetTarget(spec.num_classes)
+    shapes = [(name, tuple(p.shape)) for name, p in net.named_parameters()]
     hypernet, embeddings = build(args.hypernet, len(clients), sum(p.numel() for p in net.parameters()))
     server_params = list(hypernet.parameters()) + [embeddings.weight]
     server_opt = torch.optim.SGD(server_params, lr=1e-2, momentum=0.9, weight_decay=1e-3)

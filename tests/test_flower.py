@@ -309,7 +309,8 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
 
     from hyperfl_fast.checkpoint import save_checkpoint
     from hyperfl_fast.config import ConfigError
-    from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, resumed_checkpoint
+    from hyperfl_fast.engines import STATE_FORMAT
+    from hyperfl_fast.flower.server_app import UploadAuditingFedAvg, initial_global_state, resumed_checkpoint
     from hyperfl_fast.flower.settings import EVALUATE_RECEIVED, STATE_RUN_ID, settings_from_run_config
 
     run_config = {"dataset": "synthetic", "clients": 3, "rounds": 4, "method": "dp-fedavg", "epsilon": 50.0,
@@ -324,7 +325,8 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
     for server_round in (1, 2):
         first.aggregate_train(server_round, replies[:3 - server_round + 1])  # round 2 without partition 2
     state = first.server_state(2)
-    engine = {"format": 1, "method": "dp-fedavg", "global": {"w": torch.zeros(5)}, "clients": []}
+    engine = {"format": STATE_FORMAT, "method": "dp-fedavg", "global": initial_global_state(settings.cfg),
+              "clients": []}
     save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
                                              "engine": engine, "flower": state})
 
@@ -363,6 +365,13 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
     with pytest.raises(ConfigError, match=r"^run config: resume: .*global.pt was written with different settings "
                                           r"\(lr\); use the same flags or another output-dir$"):
         resumed_checkpoint(settings_from_run_config({**run_config, "resume": True, "lr": 0.5}))
+    stale = {**engine, "global": {**engine["global"], "fc1.weight": torch.zeros(3, 3)}}  # an older model's state
+    save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
+                                             "engine": stale, "flower": state})
+    with pytest.raises(ConfigError, match=r"global.pt does not fit this run's model \(the server's state: fc1.weight "
+                                          r"is \(3, 3\), this run's \(\d+, \d+\)\); delete it to start afresh, or "
+                                          r"set another output-dir$"):
+        resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
     save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": [], "engine": engine})
     with pytest.raises(ConfigError, match=r"global.pt is not a hyperfl_fast checkpoint .*; delete it to start "
                                           r"afresh, or set another output-dir$"):  # written before resume

@@ -55,10 +55,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from ..checkpoint import check_writable, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
 from ..data import DATASET_SIZES
-from ..engines import STATE_FORMAT
+from ..engines import STATE_FORMAT, check_state
 from ..federation import ClientResult, layout_spec
 from ..methods import Method, get_method
 from ..dp import ClientPrivacy
@@ -468,6 +468,13 @@ def resumed_checkpoint(settings: FlowerSettings) -> dict | None:
         check_resumable(path, saved, settings.cfg, name=lambda field: field.replace("_", "-"))
     except ConfigError as exc:
         raise as_run_config_error(exc) from None
+    expected = {"format": STATE_FORMAT, "method": settings.cfg.method, "global": initial_global_state(settings.cfg),
+                "clients": []}
+    try:  # e.g. a server state written by an earlier version of the method (other tensor names or shapes)
+        check_state(saved["engine"], expected)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not fit this run's model ({str(exc).splitlines()[0][:160]}); delete it "
+                              "to start afresh, or set another output-dir") from None
     return saved
 
 
