@@ -705,7 +705,7 @@ def test_client_code_over_flower_records_equals_the_reference(method, tmp_path):
         assert_equal_states(context.state["private"].to_torch_state_dict(), engine.client_state(i))
 
 
-def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_path, server_identity):
+def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_path, server_identity, monkeypatch):
     """pFedHN over Flower: the strategy asks each node its partition once; then the nodes train one after the
     other, in partition order, each train message carrying only that partition's weights, generated from the
     state the previous upload's step left; an upload is checked before the server steps on it; evaluate messages
@@ -753,7 +753,20 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
                 "metrics": MetricRecord({"num-examples": 60, "partition-id": claims[node], "train-loss": 1.0,
                                          "local-acc": 50.0})}))]
 
+    generated = []  # the partitions the server generated weights for
+
+    class Counted:  # the method, counting its generations
+        def __getattr__(self, name):
+            return getattr(method, name)
+
+        def send(self, spec_, state, pid):
+            generated.append(pid)
+            return method.send(spec_, state, pid)
+
+    monkeypatch.setattr(strategy, "method", Counted())
     assert list(strategy.configure_train(1, ArrayRecord(shared), ConfigRecord({}), Grid())) == []
+    assert generated == [0, 1, 2]  # once per node, from the state the previous step left
+    monkeypatch.setattr(strategy, "method", method)
     assert sorted(asked) == sorted(partition_of)
     assert [node for node, _ in trained] == [102, 103, 101]  # partitions 0, 1, 2
     want = shared

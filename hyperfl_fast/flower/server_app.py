@@ -154,14 +154,15 @@ class UploadAuditingFedAvg(FedAvg):
                                STATE_RUN_ID: self.state_run_id})
         if self.fold and self.pending:  # the nodes evaluate what they receive before they train on it
             config = ConfigRecord({**config, EVALUATE_RECEIVED: True})
-        messages = self.addressed(super().configure_train(server_round, arrays, config, grid), grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self.method.steps_per_client:  # the nodes train one after the other here; the strategy sends nothing more
+            self.stepped = self.one_by_one(server_round, self.located(messages, grid), grid)
+            return self.remember([])
+        messages = self.addressed(messages, grid)
         if self.secure:  # the protocol sends and receives the train messages here; the strategy sends nothing more
             self.secured = self.secure.round(grid, messages, server_round, self.describe)
             self.failed += self.secured.failed
             self.report(server_round, self.secured.failed)
-            return self.remember([])
-        if self.method.steps_per_client:  # the nodes train one after the other here; the strategy sends nothing more
-            self.stepped = self.one_by_one(server_round, messages, grid)
             return self.remember([])
         return self.remember(messages)
 
@@ -215,6 +216,12 @@ class UploadAuditingFedAvg(FedAvg):
         messages = list(messages)
         if not self.method.sends_per_client:
             return messages
+        return [self.for_partition(m.metadata.dst_node_id, m) for m in self.located(messages, grid)]
+
+    def located(self, messages: Iterable[Message], grid: Grid) -> list[Message]:
+        """The messages to nodes whose partition is known: asked once per node with a query message; a node that
+        does not answer, or claims a partition another node holds, is left out (and logged)."""
+        messages = list(messages)
         unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.partitions]
         if unknown:
             asked = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
@@ -228,14 +235,14 @@ class UploadAuditingFedAvg(FedAvg):
                                        "node holds or the run does not have; left out")
                     continue
                 self.partitions[reply.metadata.src_node_id] = pid
-        addressed = []
+        located = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             if node not in self.partitions:
                 self.failed.append(f"node {node} did not say which partition it holds; left out")
                 continue
-            addressed.append(self.for_partition(node, msg))
-        return addressed
+            located.append(msg)
+        return located
 
     def for_partition(self, node: int, msg: Message) -> Message:
         """``msg`` for ``node``, carrying what the server makes of the current state for the node's partition."""
