@@ -395,8 +395,12 @@ def test_aggregation_does_not_depend_on_arrival_order(tmp_path):
                                                    "metrics": MetricRecord({"num-examples": 60 + 7 * pid,
                                                                             "partition-id": pid})}))
                for pid in range(3)]
-    strategy = UploadAuditingFedAvg(settings, {"w": (999,)})
+    seen = []  # (partition, what it was sent) as the upload hook sees them
+    strategy = UploadAuditingFedAvg(settings, {"w": (999,)},
+                                    on_upload=lambda _, pid, upload, received: seen.append((pid, received)))
+    strategy.current = {"w": torch.ones(999)}  # the global state this round sent every node
     in_order = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
+    assert [pid for pid, _ in seen] == [0, 1, 2] and all(received is strategy.current for _, received in seen)
     reversed_order = strategy.aggregate_train(1, replies[::-1])[0].to_torch_state_dict()["w"]
     assert torch.equal(in_order, reversed_order)
     weights = torch.tensor([60.0, 67.0, 74.0]) / 201
@@ -724,7 +728,9 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     shared = initial_global_state(settings.cfg)
     layout = {k: tuple(t.shape) for k, t in method.send(spec, shared, 0).items()}
     keys = set(layout)
-    strategy = UploadAuditingFedAvg(settings, layout, method=method)
+    hooked = []  # (partition, upload, what it was sent) as the upload hook sees them
+    strategy = UploadAuditingFedAvg(settings, layout, method=method,
+                                    on_upload=lambda _, pid, upload, received: hooked.append((pid, upload, received)))
     partition_of = {101: 2, 102: 0, 103: 1}
     torch.manual_seed(0)
     uploads = {pid: {k: 0.01 * torch.randn_like(t) for k, t in method.send(spec, shared, pid).items()}
@@ -773,6 +779,9 @@ def test_the_server_sends_each_node_what_was_generated_for_its_partition(tmp_pat
     for pid, (_, got) in enumerate(trained):
         assert set(got) == keys and "embeddings" not in got  # the hypernetwork and embeddings stay on the server
         assert_equal_states(got, method.send(spec, want, pid))  # generated after the previous client's step
+        assert hooked[pid][0] == pid and hooked[pid][1] is not None
+        assert_equal_states(hooked[pid][1], uploads[pid])
+        assert_equal_states(hooked[pid][2], got)  # the hook sees what this node was sent
         want = method.aggregate(want, [uploads[pid]], [60], [pid])
     arrays, _ = strategy.aggregate_train(1, [])
     assert_equal_states(arrays.to_torch_state_dict(), want)

@@ -6,7 +6,8 @@ package adds.
   ``fc.weight``, ``fc.bias``, ``heads.weight``, ``heads.bias``); a reply
   carrying any other key is refused and counted as a failure.
 - **A hook on each upload** (``on_upload(server_round, partition_id,
-  arrays)``), for audits and attacks; with ``audit-uploads`` the server writes
+  arrays, received)``, ``received`` being what the server sent that node: the
+  global state, or pFedHN's generated weights), for audits and attacks; with ``audit-uploads`` the server writes
   every upload's keys and shapes, and the figures sent with it, to ``uploads.jsonl``.
 - **Aggregation by the method** (:meth:`~hyperfl_fast.methods.Method.aggregate`,
   the in-process engines' rule), over the replies in partition-id order.
@@ -68,7 +69,8 @@ from .secure_aggregation import SecureAggregation, SecureRound
 from .settings import (EVALUATE_RECEIVED, ROUNDS_BY_PARTITION, STATE_RUN_ID, FlowerSettings, as_run_config_error,
                        refuse_keyed_noise, settings_from_run_config)
 
-UploadHook = Callable[[int, int, dict[str, torch.Tensor]], None]
+# on_upload(server_round, partition_id, upload, received): a node's accepted upload and what it had been sent
+UploadHook = Callable[[int, int, dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
 
 
 class FederationError(RuntimeError):
@@ -144,12 +146,13 @@ class UploadAuditingFedAvg(FedAvg):
                        if settings.secure_aggregation else None)
         self.secured: SecureRound | None = None  # this round's outcome
         self.stepped: list[Message] = []  # a method that steps per client: this round's accepted replies
+        self.sent_to: dict[int, dict[str, torch.Tensor]] = {}  # partition -> what its node was sent, if its own
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.offset
         self.started, self.trained, self.failed = time.perf_counter(), {}, []
-        self.current = arrays.to_torch_state_dict()
+        self.current, self.sent_to = arrays.to_torch_state_dict(), {}
         config = ConfigRecord({**config, ROUNDS_BY_PARTITION: list(self.rounds_aggregated),
                                STATE_RUN_ID: self.state_run_id})
         if self.fold and self.pending:  # the nodes evaluate what they receive before they train on it
@@ -247,6 +250,7 @@ class UploadAuditingFedAvg(FedAvg):
     def for_partition(self, node: int, msg: Message) -> Message:
         """``msg`` for ``node``, carrying what the server makes of the current state for the node's partition."""
         sent = self.method.send(self.spec, self.current, self.partitions[node])
+        self.sent_to[self.partitions[node]] = sent
         content = RecordDict({"arrays": ArrayRecord({k: t.contiguous() for k, t in sent.items()}),
                               "config": msg.content["config"]})
         return Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
@@ -374,7 +378,7 @@ class UploadAuditingFedAvg(FedAvg):
                 self.privacy[pid] = ClientPrivacy.from_config([self.sizes[pid]], self.cfg, pid)
             self.privacy[pid].record_round([0])
         if self.on_upload:
-            self.on_upload(server_round, pid, upload)
+            self.on_upload(server_round, pid, upload, self.sent_to.get(pid, self.current))
         if self.settings.audit_uploads:
             with open(self.settings.output_dir / "uploads.jsonl", "a") as audit:
                 audit.write(json.dumps({"round": server_round, "partition-id": pid,
