@@ -93,8 +93,11 @@ def check_state(state: dict, expected: dict) -> None:
 
 
 def _check_tensors(what: str, saved: State, own: State) -> None:
-    if set(saved) != set(own):
-        raise ValueError(f"{what} holds {sorted(saved)}, this run's {sorted(own)}")
+    missing, extra = [k for k in own if k not in saved], [k for k in saved if k not in own]
+    if missing or extra:
+        parts = [f"{verb} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)} in all)"
+                 for verb, names in (("lacks", missing), ("has what this run does not:", extra)) if names]
+        raise ValueError(f"{what} {'; '.join(parts)}")
     for name, tensor in own.items():
         if tuple(saved[name].shape) != tuple(tensor.shape):
             raise ValueError(f"{what}: {name} is {tuple(saved[name].shape)}, this run's {tuple(tensor.shape)}")

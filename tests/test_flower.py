@@ -372,6 +372,13 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
                                           r"is \(3, 3\), this run's \(\d+, \d+\)\); delete it to start afresh, or "
                                           r"set another output-dir$"):
         resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
+    renamed = {**engine, "global": {("fc9.weight" if k == "fc1.weight" else k): t for k, t in engine["global"].items()}}
+    save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
+                                             "engine": renamed, "flower": state})
+    with pytest.raises(ConfigError, match=r"global.pt does not fit this run's model \(the server's state lacks "
+                                          r"fc1.weight \(1 in all\); has what this run does not: fc9.weight \(1 in "
+                                          r"all\)\); delete it to start afresh, or set another output-dir$"):
+        resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
     save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": [], "engine": engine})
     with pytest.raises(ConfigError, match=r"global.pt is not a hyperfl_fast checkpoint .*; delete it to start "
                                           r"afresh, or set another output-dir$"):  # written before resume

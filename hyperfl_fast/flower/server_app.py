@@ -250,7 +250,8 @@ class UploadAuditingFedAvg(FedAvg):
     def for_partition(self, node: int, msg: Message) -> Message:
         """``msg`` for ``node``, carrying what the server makes of the current state for the node's partition."""
         sent = self.method.send(self.spec, self.current, self.partitions[node])
-        self.sent_to[self.partitions[node]] = sent
+        if self.on_upload:  # the hook is shown what the node was sent
+            self.sent_to[self.partitions[node]] = sent
         content = RecordDict({"arrays": ArrayRecord({k: t.contiguous() for k, t in sent.items()}),
                               "config": msg.content["config"]})
         return Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
@@ -483,9 +484,9 @@ def resumed_checkpoint(settings: FlowerSettings) -> dict | None:
                 "clients": []}
     try:  # e.g. a server state written by an earlier version of the method (other tensor names or shapes)
         check_state(saved["engine"], expected)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} does not fit this run's model ({str(exc).splitlines()[0][:160]}); delete it "
-                              "to start afresh, or set another output-dir") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not fit this run's model ({(str(exc).splitlines() or [repr(exc)])[0]}); "
+                              "delete it to start afresh, or set another output-dir") from None
     return saved
 
 
