@@ -365,20 +365,18 @@ def test_a_resumed_server_goes_on_from_its_checkpoint_or_refuses_in_one_line(tmp
     with pytest.raises(ConfigError, match=r"^run config: resume: .*global.pt was written with different settings "
                                           r"\(lr\); use the same flags or another output-dir$"):
         resumed_checkpoint(settings_from_run_config({**run_config, "resume": True, "lr": 0.5}))
-    stale = {**engine, "global": {**engine["global"], "fc1.weight": torch.zeros(3, 3)}}  # an older model's state
-    save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
-                                             "engine": stale, "flower": state})
-    with pytest.raises(ConfigError, match=r"global.pt does not fit this run's model \(the server's state: fc1.weight "
-                                          r"is \(3, 3\), this run's \(\d+, \d+\)\); delete it to start afresh, or "
-                                          r"set another output-dir$"):
-        resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
-    renamed = {**engine, "global": {("fc9.weight" if k == "fc1.weight" else k): t for k, t in engine["global"].items()}}
-    save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
-                                             "engine": renamed, "flower": state})
-    with pytest.raises(ConfigError, match=r"global.pt does not fit this run's model \(the server's state lacks "
-                                          r"fc1.weight \(1 in all\); has what this run does not: fc9.weight \(1 in "
-                                          r"all\)\); delete it to start afresh, or set another output-dir$"):
-        resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
+    misfits = {  # an older model's server state -> what the one-line error says of it
+        "wrong shape": ({**engine["global"], "fc1.weight": torch.zeros(3, 3)},
+                        r"the server's state: fc1.weight is \(3, 3\), this run's \(\d+, \d+\)"),
+        "renamed": ({("fc9.weight" if k == "fc1.weight" else k): t for k, t in engine["global"].items()},
+                    r"the server's state lacks fc1.weight \(1 in all\); has what this run does not: fc9.weight "
+                    r"\(1 in all\)")}
+    for saved_global, says in misfits.values():
+        save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": first.rounds,
+                                                 "engine": {**engine, "global": saved_global}, "flower": state})
+        with pytest.raises(ConfigError, match=rf"global.pt does not fit this run's model \({says}\); delete it to "
+                                              r"start afresh, or set another output-dir$"):
+            resumed_checkpoint(settings_from_run_config({**run_config, "resume": True}))
     save_checkpoint(tmp_path / "global.pt", {"config": settings.cfg.to_dict(), "rounds": [], "engine": engine})
     with pytest.raises(ConfigError, match=r"global.pt is not a hyperfl_fast checkpoint .*; delete it to start "
                                           r"afresh, or set another output-dir$"):  # written before resume
