@@ -34,11 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hyperfl_fast.config import Config
 from hyperfl_fast.data import FMNIST_DIR, DatasetError, load_fmnist
 from hyperfl_fast.models import TargetCNN, cnn_spec
 from hyperfl_fast.partition import partition
 
-LOCAL_EPOCHS, BATCH, LR, MOMENTUM, WEIGHT_DECAY = 5, 50, 0.02, 0.5, 5e-4  # the authors' defaults (cnn/options.py)
+_DEFAULTS = Config()  # the package's defaults, the authors' (cnn/options.py)
+LOCAL_EPOCHS, BATCH, LR = _DEFAULTS.local_epochs, _DEFAULTS.batch_size, _DEFAULTS.lr
+MOMENTUM, WEIGHT_DECAY = _DEFAULTS.momentum, _DEFAULTS.weight_decay
 LOCAL_SIZE, IID_SHARE = 600, 0.2  # samples per client (train and test) and the share spread over all classes
 
 
